@@ -1,0 +1,3 @@
+from lorad.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,246 @@
+"""The `lorad` command line (see CONTRACT.md for the contract it keeps)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lorad import layout as layout_mod
+from lorad import outbox
+
+
+def _layout(args: argparse.Namespace) -> layout_mod.Layout:
+    return layout_mod.resolve(getattr(args, "root", None), getattr(args, "inbox", None), getattr(args, "outbox", None))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lorad.daemon import run
+
+    return run(_layout(args), once=args.once, polling=args.force_polling, settle=args.settle,
+               rescan_interval=args.rescan_interval)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from lorad.spec import check_file
+
+    bad = 0
+    for name in args.files:
+        result = check_file(Path(name))
+        for problem in result.problems:
+            print(problem.format(name))
+        bad += not result.ok
+    return 1 if bad else 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from lorad.fsutil import fsync_dir, fsync_file
+    from lorad.spec import check_file
+
+    src = Path(args.file)
+    result = check_file(src)
+    if not result.ok:
+        for problem in result.problems:
+            print(problem.format(args.file), file=sys.stderr)
+        print(f"lorad: {args.file} was not submitted", file=sys.stderr)
+        return 1
+    lay = _layout(args)
+    lay.inbox.mkdir(parents=True, exist_ok=True)
+    job_id = outbox.new_job_id(result.spec["name"], lambda j: lay.job_dir(j).exists())
+    tmp = lay.inbox / f".{job_id}.yaml.tmp"  # dot-name: the daemon ignores it until the rename
+    with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        shutil.copyfileobj(fin, fout)
+        fout.flush()
+        fsync_file(fout.fileno())
+    os.replace(tmp, lay.inbox / f"{job_id}.yaml")
+    fsync_dir(lay.inbox)
+    print(job_id)
+    return 0
+
+
+def find_job(lay: layout_mod.Layout, ref: str) -> str | None:
+    """A job id, a unique prefix of one, or a job name (the newest job of that name)."""
+    if (lay.outbox / ref / "status.json").exists():
+        return ref
+    ids = sorted(p.name for p in lay.outbox.iterdir() if (p / "status.json").exists()) if lay.outbox.exists() else []
+    prefixed = [j for j in ids if j.startswith(ref)]
+    if len(prefixed) == 1:
+        return prefixed[0]
+    named = [j for j in ids if (outbox.read_status(lay.outbox / j) or {}).get("name") == ref]
+    return named[-1] if named else None
+
+
+def _all_status(lay: layout_mod.Layout) -> list[dict[str, Any]]:
+    if not lay.outbox.exists():
+        return []
+    rows = [outbox.read_status(p) for p in sorted(lay.outbox.iterdir()) if p.is_dir()]
+    return [r for r in rows if r]
+
+
+def _bar(fraction: float, width: int = 20) -> str:
+    fraction = min(max(fraction, 0.0), 1.0)
+    filled = int(round(fraction * width))
+    return "[" + "#" * filled + "-" * (width - filled) + f"] {fraction * 100:3.0f}%"
+
+
+def _progress_text(status: dict[str, Any], bar: bool = False) -> str:
+    p = status.get("progress") or {}
+    if status.get("state") != "running" or not p.get("iters"):
+        return ""
+    text = f"{p.get('iteration', 0)}/{p['iters']}"
+    if bar:
+        text = _bar(p.get("iteration", 0) / p["iters"]) + " " + text
+    if p.get("train_loss") is not None:
+        text += f" loss {p['train_loss']:.3f}"
+    if p.get("val_loss") is not None:
+        text += f" val {p['val_loss']:.3f}"
+    if p.get("eta_seconds") is not None:
+        text += f" eta {int(p['eta_seconds'])}s"
+    return text
+
+
+def _table(rows: list[dict[str, Any]], bar: bool = False) -> str:
+    header = ("JOB", "NAME", "STATE", "STAGE", "PROGRESS", "UPDATED")
+    lines = [header]
+    for s in rows:
+        lines.append((s.get("job_id", ""), s.get("name") or "-", s.get("state", ""), s.get("stage") or "-",
+                      _progress_text(s, bar) or "-", (s.get("updated_at") or "")[:19]))
+    widths = [max(len(str(r[i])) for r in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    lay = _layout(args)
+
+    def collect() -> list[dict[str, Any]] | None:
+        if args.job:
+            job_id = find_job(lay, args.job)
+            if job_id is None:
+                return None
+            return [outbox.read_status(lay.job_dir(job_id))]
+        return _all_status(lay)
+
+    rows = collect()
+    if rows is None:
+        print(f"lorad: no job {args.job!r} in {lay.outbox}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(rows[0] if args.job else rows, indent=2))
+        return 0
+    if not args.watch:
+        print(_table(rows))
+        return 0
+    try:
+        while True:
+            rows = collect() or []
+            sys.stdout.write("\x1b[2J\x1b[H" if sys.stdout.isatty() else "")
+            print(_table(rows, bar=True), flush=True)
+            if args.job and rows and rows[0].get("state") in outbox.FINAL_STATES:
+                return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from lorad.daemon import daemon_running, finish_cancelled
+
+    lay = _layout(args)
+    job_id = find_job(lay, args.job)
+    if job_id is None:
+        print(f"lorad: no job {args.job!r} in {lay.outbox}", file=sys.stderr)
+        return 1
+    status = outbox.read_status(lay.job_dir(job_id)) or {}
+    if status.get("state") in outbox.FINAL_STATES:
+        print(f"{job_id}: already {status['state']}")
+        return 0
+    if daemon_running(lay):
+        lay.cancel_requests.mkdir(parents=True, exist_ok=True)
+        (lay.cancel_requests / job_id).touch()
+        print(f"{job_id}: cancel requested")
+        return 0
+    finish_cancelled(lay, job_id)
+    claimed = lay.claimed / f"{job_id}.yaml"
+    if claimed.exists():
+        lay.done.mkdir(parents=True, exist_ok=True)
+        os.replace(claimed, lay.done / claimed.name)
+    print(f"{job_id}: cancelled")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lorad.daemon import run
+    from lorad.spec import repo_root
+
+    lay = _layout(args)
+    spec = repo_root() / "jobspecs" / "demo.yaml"
+    submit_args = argparse.Namespace(file=str(spec), root=str(lay.root), inbox=None, outbox=None)
+    if cmd_submit(submit_args) != 0:
+        return 1
+    code = run(lay, once=True)
+    rows = [s for s in _all_status(lay) if s.get("name") == "demo"]
+    if not rows:
+        return code or 1
+    last = rows[-1]
+    job_dir = lay.job_dir(last["job_id"])
+    print(_table([last]))
+    print(f"\nartifacts in {job_dir}:")
+    for name, rel in sorted((last.get("artifacts") or {}).items()):
+        print(f"  {name:12s} {job_dir / rel}")
+    return 0 if last.get("state") == "succeeded" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorad", description="Fine-tune language models from job specs dropped into a folder.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_root(p: argparse.ArgumentParser, folders: bool = False) -> None:
+        p.add_argument("--root", help="lorad root (default: $LORAD_ROOT, else ~/lorad)")
+        if folders:
+            p.add_argument("--inbox", help="inbox folder (default: ROOT/inbox)")
+            p.add_argument("--outbox", help="outbox folder (default: ROOT/outbox)")
+
+    p = sub.add_parser("run", help="run the daemon")
+    with_root(p, folders=True)
+    p.add_argument("--once", action="store_true", help="process the inbox, drain the queue, exit")
+    p.add_argument("--force-polling", action="store_true", help="poll the inbox (network shares)")
+    p.add_argument("--settle", type=float, default=2.0, help="seconds a file must stay unchanged before it is claimed")
+    p.add_argument("--rescan-interval", type=float, default=30.0, help="seconds between full inbox scans")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check job specs")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("submit", help="copy a spec into the inbox")
+    p.add_argument("file")
+    with_root(p, folders=True)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="show jobs")
+    p.add_argument("job", nargs="?")
+    with_root(p, folders=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--watch", action="store_true")
+    p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("cancel", help="cancel a queued or running job")
+    p.add_argument("job")
+    with_root(p, folders=True)
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("demo", help="run jobspecs/demo.yaml end to end")
+    with_root(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

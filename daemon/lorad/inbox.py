@@ -1,0 +1,166 @@
+"""Which inbox files are job specs, when they are complete, and claiming them.
+
+Sync tools and editors leave temporary, partial, placeholder and conflict files
+next to real specs. Only names on an allowlist become jobs; conflict copies are
+reported (never run); a file is claimed once it has stopped changing, or at
+once when it arrived by rename (the writer finished before renaming).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import stat
+import time
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorad.fsutil import fsync_dir, fsync_file
+
+SPEC_NAME = re.compile(r"^[^.~#$].*\.ya?ml$", re.IGNORECASE)
+CONFLICT_NAMES = [
+    re.compile(r"\(.*conflicted copy.*\)", re.IGNORECASE),  # Dropbox
+    re.compile(r"\.sync-conflict-\d{8}-\d{6}", re.IGNORECASE),  # Syncthing
+    re.compile(r" \d+\.ya?ml$", re.IGNORECASE),  # iCloud Drive: "job 2.yaml"
+    re.compile(r" \(\d+\)\.ya?ml$", re.IGNORECASE),  # OneDrive, browsers: "job (2).yaml"
+]
+SF_DATALESS = 0x40000000  # macOS: an evicted iCloud / File Provider file; reading it blocks
+
+
+def classify(name: str) -> str:
+    """'spec', 'conflict' or 'ignore' for a file name in the inbox."""
+    name = unicodedata.normalize("NFC", name)
+    if not SPEC_NAME.match(name) or "___jb_" in name:
+        return "ignore"
+    if any(p.search(name) for p in CONFLICT_NAMES):
+        return "conflict"
+    return "spec"
+
+
+def is_dataless(st: os.stat_result) -> bool:
+    return bool(getattr(st, "st_flags", 0) & SF_DATALESS)
+
+
+@dataclass
+class Candidate:
+    key: tuple[int, int, int]  # (size, mtime_ns, inode)
+    changed_at: float  # monotonic time the key last changed
+    mtime_ns: int
+    moved_in: bool = False
+    checks: int = 0
+
+
+class InboxTracker:
+    """Decides when an inbox file is complete enough to claim.
+
+    Rules, in order: a file that arrived by rename is complete; a file whose
+    size, mtime and inode have not changed for `settle` seconds is complete; a
+    file found already old (at start-up or in a rescan) is complete once a
+    second look finds it unchanged. Empty files wait longer: an editor may be
+    about to fill them.
+    """
+
+    def __init__(self, inbox: Path, settle: float = 2.0, empty_settle: float = 10.0):
+        self.inbox = inbox
+        self.settle = settle
+        self.empty_settle = empty_settle
+        self.candidates: dict[str, Candidate] = {}
+
+    def note(self, name: str, moved_in: bool = False) -> None:
+        """A watcher event (or scan hit) for inbox/name."""
+        name = os.path.basename(name)
+        if classify(name) == "ignore":
+            return
+        cand = self._observe(name)
+        if cand and moved_in:
+            cand.moved_in = True
+
+    def scan(self) -> None:
+        """Look at the whole inbox: watchers lose events, so this is the ground truth."""
+        try:
+            names = os.listdir(self.inbox)
+        except FileNotFoundError:
+            return
+        present = set()
+        for name in names:
+            if classify(name) != "ignore":
+                present.add(name)
+                self._observe(name)
+        for gone in set(self.candidates) - present:
+            del self.candidates[gone]
+
+    def _observe(self, name: str) -> Candidate | None:
+        try:
+            st = os.lstat(self.inbox / name)
+        except FileNotFoundError:
+            self.candidates.pop(name, None)
+            return None
+        if not stat.S_ISREG(st.st_mode) or is_dataless(st):
+            self.candidates.pop(name, None)
+            return None
+        key = (st.st_size, st.st_mtime_ns, st.st_ino)
+        cand = self.candidates.get(name)
+        now = time.monotonic()
+        if cand is None or cand.key != key:
+            cand = Candidate(key=key, changed_at=now, mtime_ns=st.st_mtime_ns)
+            self.candidates[name] = cand
+        return cand
+
+    def ready(self) -> list[str]:
+        """Names complete now, oldest first (by mtime, then name)."""
+        out = []
+        now = time.monotonic()
+        for name in list(self.candidates):
+            cand = self.candidates[name]
+            before = cand.key
+            cand = self._observe(name)
+            if cand is None:
+                continue
+            if cand.key != before:
+                continue
+            cand.checks += 1
+            quiet = now - cand.changed_at
+            age = time.time() - cand.mtime_ns / 1e9
+            size = cand.key[0]
+            settle = self.settle if size else self.empty_settle
+            if (cand.moved_in and size) or quiet >= settle or (age >= settle and cand.checks >= 2):
+                out.append(name)
+        out.sort(key=lambda n: (self.candidates[n].mtime_ns, n))
+        return out
+
+    def forget(self, name: str) -> None:
+        self.candidates.pop(name, None)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.candidates)
+
+
+def claim(src: Path, dest: Path) -> bool:
+    """Move src to dest atomically; False when someone else got it first.
+
+    Across file systems (an inbox on another volume) rename fails with EXDEV:
+    then copy, fsync, and unlink the source.
+    """
+    try:
+        os.rename(src, dest)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+            fout.flush()
+            fsync_file(fout.fileno())
+        os.replace(tmp, dest)
+        try:
+            os.unlink(src)
+        except FileNotFoundError:
+            pass
+    fsync_dir(dest.parent)
+    return True

@@ -1,0 +1,149 @@
+"""The stage process: `python -m lorad.stagerun JOB_DIR STAGE --cache DIR`.
+
+The daemon runs each stage in its own process so that a crash, a leak or a
+native abort in MLX or llama.cpp never takes the daemon down. This process owns
+status.json while it runs; SIGTERM only sets a flag that the stage polls, so
+the stage can checkpoint before it exits.
+
+Exit codes: 0 done, 75 interrupted (checkpointed, resume later), 77 skipped,
+1 failed (error written to status.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_SKIPPED = 0, 1, 75, 77
+
+_stop = {"requested": False}
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    _stop["requested"] = True
+
+
+def _resolve(stage: str):
+    """The stage function; LORAD_STAGE_HOOKS=stage=module:function swaps one in (tests)."""
+    import importlib
+
+    from lorad.stages import stage_function
+
+    for item in filter(None, os.environ.get("LORAD_STAGE_HOOKS", "").split(",")):
+        name, _, target = item.partition("=")
+        if name == stage:
+            module, _, func = target.partition(":")
+            return getattr(importlib.import_module(module), func)
+    return stage_function(stage)
+
+
+class _ProgressWriter:
+    """Puts progress into status.json at most once a second (each rewrite may be a sync upload)."""
+
+    def __init__(self, job_dir: Path, log: Any, min_interval: float = 1.0):
+        self.job_dir = job_dir
+        self.log = log
+        self.min_interval = min_interval
+        self.last = 0.0
+
+    def __call__(self, progress: dict[str, Any]) -> None:
+        from lorad.outbox import read_status, write_status
+
+        self.log.info("progress", **progress)
+        now = time.monotonic()
+        if now - self.last < self.min_interval and not progress.get("final"):
+            return
+        self.last = now
+        status = read_status(self.job_dir) or {}
+        status["progress"] = {**status.get("progress", {}), **{k: v for k, v in progress.items() if k != "final"}}
+        write_status(self.job_dir, status)
+
+
+def run_stage(job_dir: Path, stage: str, cache_dir: Path) -> int:
+    from lorad import accel
+    from lorad.outbox import event_logger, read_status, write_status
+    from lorad.spec import check_file
+    from lorad.stages import Interrupted, Skipped, StageContext, StageFailed
+
+    status = read_status(job_dir) or {}
+    log = event_logger(job_dir, job_id=status.get("job_id", job_dir.name), stage=stage)
+    backend = accel.prepare_backend(stage)
+    if backend:
+        log.info("backend", **backend)
+    result = check_file(job_dir / "spec.yaml")
+    if not result.ok:
+        log.error("spec_invalid", errors=[p.as_dict() for p in result.problems])
+        _record_error(job_dir, stage, "SpecError", "spec.yaml no longer validates")
+        return EXIT_FAILED
+    ctx = StageContext(
+        spec=result.spec,
+        work_dir=job_dir,
+        cache_dir=cache_dir,
+        log=log,
+        report_progress=_ProgressWriter(job_dir, log),
+        should_stop=lambda: _stop["requested"],
+        artifacts=dict(status.get("artifacts") or {}),
+    )
+    try:
+        artifacts = _resolve(stage)(ctx) or {}
+    except Interrupted as e:
+        log.warning("stage_interrupted", message=str(e))
+        return EXIT_INTERRUPTED
+    except Skipped as e:
+        log.warning("stage_skipped", message=str(e))
+        _record_stage_note(job_dir, stage, str(e))
+        return EXIT_SKIPPED
+    except StageFailed as e:
+        log.error("stage_failed", error_type="StageFailed", message=str(e))
+        _record_error(job_dir, stage, "StageFailed", str(e))
+        return EXIT_FAILED
+    except Exception as e:  # noqa: BLE001 - any stage bug becomes a failed job, with its traceback
+        log.error("stage_failed", error_type=type(e).__name__, message=str(e), exc_info=True)
+        _record_error(job_dir, stage, type(e).__name__, str(e), traceback.format_exc())
+        return EXIT_FAILED
+    status = read_status(job_dir) or {}
+    status.setdefault("artifacts", {}).update(artifacts)
+    write_status(job_dir, status)
+    log.info("stage_outputs", artifacts=artifacts)
+    return EXIT_OK
+
+
+def _record_error(job_dir: Path, stage: str, etype: str, message: str, tb: str | None = None) -> None:
+    from lorad.outbox import read_status, write_status
+
+    status = read_status(job_dir) or {}
+    status["error"] = {"type": etype, "message": message, "stage": stage, "errors": []}
+    if tb:
+        status["error"]["traceback"] = tb[-4000:]
+    write_status(job_dir, status)
+
+
+def _record_stage_note(job_dir: Path, stage: str, message: str) -> None:
+    from lorad.outbox import read_status, write_status
+
+    status = read_status(job_dir) or {}
+    status.setdefault("stages", {}).setdefault(stage, {})["message"] = message
+    write_status(job_dir, status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lorad-stage")
+    parser.add_argument("job_dir", type=Path)
+    parser.add_argument("stage")
+    parser.add_argument("--cache", type=Path, required=True)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    return run_stage(args.job_dir.resolve(), args.stage, args.cache.resolve())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

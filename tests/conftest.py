@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def spec_text(name: str = "job", data_path: Path | None = None, stages: str = "[prepare]", extra: str = "") -> str:
+    return (
+        f"version: 1\nname: {name}\nmodel:\n  source: demo\ndata:\n  source: path:{data_path}\n"
+        f"  format: completions\nstages: {stages}\n{extra}"
+    )
+
+
+def statuses(outbox: Path) -> dict[str, dict]:
+    out = {}
+    if outbox.exists():
+        for d in sorted(outbox.iterdir()):
+            try:
+                out[d.name] = json.loads((d / "status.json").read_text())
+            except (OSError, ValueError):
+                pass
+    return out
+
+
+class DaemonProc:
+    def __init__(self, root: Path, args: list[str], env: dict[str, str]):
+        self.root = root
+        self.stderr_path = root.parent / f"daemon-{time.monotonic_ns()}.log"
+        self.stderr = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lorad", "run", "--root", str(root), *args],
+            env=env, stdout=self.stderr, stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def log(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 35.0) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=35)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
+
+
+@pytest.fixture
+def lorad_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("LORAD_ROOT", None)
+    return env
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path, lorad_env: dict[str, str]):
+    procs: list[DaemonProc] = []
+
+    def start(*args: str, root: Path | None = None, env: dict[str, str] | None = None, **env_extra: str) -> DaemonProc:
+        e = dict(env or lorad_env)
+        e.update(env_extra)
+        d = DaemonProc(root or tmp_path / "root", ["--settle", "1.0", "--rescan-interval", "2", *args], e)
+        procs.append(d)
+        return d
+
+    yield start
+    for d in procs:
+        d.stop()
+
+
+@pytest.fixture
+def rows_file(tmp_path: Path) -> Path:
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}?", "completion": f"a{i}"}) + "\n" for i in range(40)))
+    return path

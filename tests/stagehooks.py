@@ -1,0 +1,40 @@
+"""Stand-in stages for daemon tests (selected with LORAD_STAGE_HOOKS).
+
+They exercise what the daemon must handle — a long stage that checkpoints on
+SIGTERM and resumes, a stage that crashes hard — without the minutes a real
+training run takes. The MLX stages are tested for real in their own tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from lorad.stages import Interrupted, StageContext
+
+
+def slow_train(ctx: StageContext) -> dict[str, str]:
+    """Counts to STEPS, 0.1 s a step, checkpointing every step; resumes from the checkpoint."""
+    steps = int(os.environ.get("HOOK_STEPS", "40"))
+    ckpt = ctx.path("ckpt.json")
+    start = json.loads(ckpt.read_text())["step"] if ckpt.exists() else 0
+    ctx.log.info("hook_resume" if start else "hook_start", step=start, pid=os.getpid())
+    ctx.path("stage.pid").write_text(str(os.getpid()))
+    for step in range(start, steps):
+        if ctx.should_stop():
+            ckpt.write_text(json.dumps({"step": step}))
+            raise Interrupted(f"stopped at step {step}")
+        time.sleep(0.1)
+        ckpt.write_text(json.dumps({"step": step + 1}))
+        ctx.report_progress({"iteration": step + 1, "iters": steps})
+    return {"ckpt": "ckpt.json"}
+
+
+def abort(ctx: StageContext) -> dict[str, str]:
+    """Dies the way a native crash does: no exception, no cleanup."""
+    os.abort()
+
+
+def raise_error(ctx: StageContext) -> dict[str, str]:
+    raise ValueError("the stage hit a bug")
