@@ -357,7 +357,7 @@ class Daemon:
         job_dir = self.layout.job_dir(job_id)
         (job_dir / "logs").mkdir(exist_ok=True)
         log_file = open(job_dir / "logs" / f"{stage}.log", "ab")
-        env = {**os.environ, **accel.blas_env(self.layout.cache), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **accel.blas_env(self.layout.cache), "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
         proc = subprocess.Popen(
             [sys.executable, "-m", "lorad.stagerun", str(job_dir), stage, "--cache", str(self.layout.cache)],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,

@@ -146,14 +146,18 @@ def _key(row: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(core, sort_keys=True).encode()).hexdigest()
 
 
-def split_rows(rows: list[dict[str, Any]], valid_fraction: float, test_fraction: float, seed: int) -> dict[str, list]:
-    """Deterministic shuffle by seed, then test, valid, train slices (valid and test get at least one row)."""
+def split_rows(rows: list[dict[str, Any]], valid_fraction: float, test_fraction: float, seed: int,
+               min_valid: int = 1) -> dict[str, list]:
+    """Deterministic shuffle by seed, then test, valid, train slices.
+
+    valid gets at least min_valid rows (a batch: mlx-lm skips validation on fewer), test at least one.
+    """
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     shuffled = [rows[i] for i in order]
     n = len(shuffled)
     n_test = max(1, round(n * test_fraction)) if test_fraction > 0 and n >= 3 else 0
-    n_valid = max(1, round(n * valid_fraction)) if valid_fraction > 0 and n >= 3 else 0
+    n_valid = max(min_valid, round(n * valid_fraction)) if valid_fraction > 0 and n >= 2 * min_valid + n_test else 0
     return {"test": shuffled[:n_test], "valid": shuffled[n_test:n_test + n_valid], "train": shuffled[n_test + n_valid:]}
 
 
@@ -172,6 +176,7 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 def run(ctx: StageContext) -> dict[str, str]:
     data = ctx.spec["data"]
+    min_valid = ctx.spec["train"]["batch_size"]
     sources = load_source(data["source"], ctx.cache_dir)
     first = next((r for rows in sources.values() for r in rows), None)
     if first is None:
@@ -199,7 +204,7 @@ def run(ctx: StageContext) -> dict[str, str]:
         rows = cleaned.pop("all")
         if data.get("limit"):
             rows = random.Random(data["seed"]).sample(rows, min(len(rows), data["limit"]))
-        parts = split_rows(rows, data["valid_fraction"], data["test_fraction"], data["seed"])
+        parts = split_rows(rows, data["valid_fraction"], data["test_fraction"], data["seed"], min_valid)
         for split in SPLITS:
             cleaned[split] = cleaned.get(split, []) + parts[split]
     elif data.get("limit"):
@@ -207,7 +212,7 @@ def run(ctx: StageContext) -> dict[str, str]:
     if not cleaned.get("train"):
         raise StageFailed("no training rows left after dropping empty and duplicate rows")
     if not cleaned.get("valid"):  # validation is what early stopping and best-checkpoint need
-        parts = split_rows(cleaned["train"], data["valid_fraction"] or 0.05, 0.0, data["seed"])
+        parts = split_rows(cleaned["train"], data["valid_fraction"] or 0.05, 0.0, data["seed"], min_valid)
         cleaned["train"], cleaned["valid"] = parts["train"], parts["valid"]
     out_dir = ctx.path("data")
     out_dir.mkdir(exist_ok=True)

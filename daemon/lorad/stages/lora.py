@@ -1,0 +1,279 @@
+"""lora: LoRA, DoRA or full fine-tuning with mlx-lm's trainer, resumable and observable.
+
+mlx-lm's `train()` does the stepping; our TrainingCallback adds what it lacks:
+progress in status.json, checkpoints with the optimizer state and iteration
+(so a SIGTERM or crash resumes where it stopped), the best adapters by
+validation loss (not just the last), and early stopping with patience.
+
+Writes adapters/ as `mlx_lm.lora` does (adapters.safetensors = the best,
+adapter_config.json, NNNNNNN_adapters.safetensors), plus adapters/checkpoint/
+(resume state) and adapters/metrics.jsonl (every loss reported).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from lorad.fsutil import atomic_write_json
+from lorad.stages import Interrupted, StageContext, StageFailed
+from lorad.stages.convert import base_path
+
+CHECKPOINT = "checkpoint"
+
+
+class EarlyStop(Exception):
+    pass
+
+
+def load_for_training(base: Path, log: Any, train_dequantized: bool | None = None):
+    """Load the base; on a CPU train on a dequantized copy when it fits (QLoRA there is ~20x slower)."""
+    import mlx.core as mx
+    from mlx_lm.utils import dequantize_model, load
+
+    model, tokenizer, config = load(str(base), return_config=True)
+    quantized = "quantization" in config
+    if train_dequantized is None:
+        on_cpu = mx.default_device() == mx.cpu
+        params = sum(v.size for _, v in _flat(model.parameters()))
+        fits = params * 4 * 4 < _total_memory()  # fp32 weights + activations and grads, with room to spare
+        train_dequantized = quantized and on_cpu and fits
+    if quantized and train_dequantized:
+        model = dequantize_model(model)
+        log.info("base_dequantized_for_training", reason="QLoRA on a CPU is slow; the full base fits in memory")
+    return model, tokenizer, config, quantized and not train_dequantized
+
+
+def _flat(tree: Any) -> list:
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(tree)
+
+
+def _total_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 16 << 30
+
+
+def apply_adapters(model: Any, train: dict[str, Any]) -> None:
+    """Freeze the model and add trainable LoRA/DoRA layers (or unfreeze blocks for full)."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model.freeze()
+    num_layers = train["num_layers"]
+    if num_layers > len(model.layers):
+        raise StageFailed(f"train.num_layers is {num_layers} but the model has {len(model.layers)} layers")
+    if num_layers == -1:
+        num_layers = len(model.layers)
+    if train["method"] == "full":
+        for layer in model.layers[-num_layers:]:
+            layer.unfreeze()
+    else:
+        linear_to_lora_layers(model, num_layers, dict(train["lora"]), use_dora=train["method"] == "dora")
+
+
+def adapter_config(train: dict[str, Any], base: Path) -> dict[str, Any]:
+    """adapter_config.json in mlx-lm's shape, so mlx_lm.fuse and mlx_lm.load(adapter_path=...) accept it."""
+    num_layers = train["num_layers"]
+    return {
+        "model": str(base),
+        "fine_tune_type": train["method"],
+        "num_layers": num_layers,
+        "lora_parameters": dict(train["lora"]),
+        "batch_size": train["batch_size"],
+        "iters": train["iters"],
+        "learning_rate": train["learning_rate"],
+        "max_seq_length": train["max_seq_length"],
+        "mask_prompt": train["mask_prompt"],
+    }
+
+
+def load_datasets(data_dir: Path, tokenizer: Any, mask_prompt: bool):
+    from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
+
+    cfg = SimpleNamespace(mask_prompt=mask_prompt)
+    try:
+        train, valid, test = load_local_dataset(data_dir, tokenizer, cfg)
+    except ValueError as e:
+        raise StageFailed(f"cannot read {data_dir}: {e}") from None
+    if not train:
+        raise StageFailed(f"{data_dir}/train.jsonl is empty or missing: run the prepare stage")
+    return CacheDataset(train), (CacheDataset(valid) if valid else None), test
+
+
+def save_checkpoint(adapter_dir: Path, model: Any, optimizer: Any, state: dict[str, Any]) -> None:
+    """adapters + optimizer state + counters, written to a temp folder and renamed into place."""
+    import mlx.core as mx
+
+    tmp = adapter_dir / f".{CHECKPOINT}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    mx.save_safetensors(str(tmp / "adapters.safetensors"), dict(_flat(model.trainable_parameters())))
+    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(_flat(optimizer.state)))
+    (tmp / "state.json").write_text(json.dumps(state))
+    final = adapter_dir / CHECKPOINT
+    old = adapter_dir / f".{CHECKPOINT}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(adapter_dir: Path, model: Any, optimizer: Any) -> dict[str, Any] | None:
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+
+    ckpt = adapter_dir / CHECKPOINT
+    if not (ckpt / "state.json").exists():
+        return None
+    model.load_weights(str(ckpt / "adapters.safetensors"), strict=False)
+    optimizer.init(model.trainable_parameters())
+    optimizer.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
+    return json.loads((ckpt / "state.json").read_text())
+
+
+class Tracker:
+    """The TrainingCallback: progress, checkpoints, best adapters, early stopping, stop requests."""
+
+    def __init__(self, ctx: StageContext, model: Any, optimizer: Any, adapter_dir: Path, state: dict[str, Any]):
+        self.ctx, self.model, self.optimizer, self.adapter_dir = ctx, model, optimizer, adapter_dir
+        self.train = ctx.spec["train"]
+        self.state = state  # iteration, best_val, best_iteration, evals_since_best
+        self.offset = state["iteration"]
+        self.t0 = time.monotonic()
+        self.metrics = open(adapter_dir / "metrics.jsonl", "a")
+
+    def _record(self, row: dict[str, Any]) -> None:
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+
+    def on_train_loss_report(self, info: dict[str, Any]) -> None:
+        import mlx.core as mx
+
+        it = self.offset + info["iteration"]
+        self.state["iteration"] = it
+        iters = self.train["iters"]
+        done_here = info["iteration"]
+        elapsed = time.monotonic() - self.t0
+        eta = elapsed / done_here * (iters - it) if done_here else None
+        progress = {
+            "iteration": it, "iters": iters, "train_loss": round(float(info["train_loss"]), 5),
+            "val_loss": self.state.get("last_val"), "iterations_per_second": round(info["iterations_per_second"], 4),
+            "tokens_per_second": round(info["tokens_per_second"], 1), "eta_seconds": round(eta, 1) if eta is not None else None,
+            "peak_memory_gb": round(info["peak_memory"], 3), "learning_rate": float(info["learning_rate"]),
+        }
+        self._record({"iteration": it, "train_loss": progress["train_loss"], "tokens_per_second": progress["tokens_per_second"]})
+        self.ctx.report_progress(progress)
+        if it % self.train["save_every"] == 0:
+            self.save(it)
+        if self.ctx.should_stop():
+            self.save(it)
+            raise Interrupted(f"stopped at iteration {it}; checkpoint saved")
+        mx.clear_cache() if hasattr(mx, "clear_cache") else None
+
+    def on_val_loss_report(self, info: dict[str, Any]) -> None:
+        import mlx.core as mx
+
+        it = self.offset + info["iteration"]
+        val = float(info["val_loss"])
+        self.state["last_val"] = round(val, 5)
+        self._record({"iteration": it, "val_loss": round(val, 5)})
+        best = self.state.get("best_val")
+        min_delta = self.train["early_stopping"].get("min_delta", 0.0)
+        if best is None or val < best - min_delta:
+            self.state.update(best_val=val, best_iteration=it, evals_since_best=0)
+            mx.save_safetensors(str(self.adapter_dir / "best.safetensors"), dict(_flat(self.model.trainable_parameters())))
+            self.ctx.log.info("val_loss", iteration=it, val_loss=round(val, 5), best=True)
+        else:
+            self.state["evals_since_best"] = self.state.get("evals_since_best", 0) + 1
+            self.ctx.log.info("val_loss", iteration=it, val_loss=round(val, 5), best=False,
+                              evals_since_best=self.state["evals_since_best"])
+            if self.state["evals_since_best"] >= self.train["early_stopping"]["patience"]:
+                raise EarlyStop(it)
+
+    def save(self, it: int) -> None:
+        import mlx.core as mx
+
+        save_checkpoint(self.adapter_dir, self.model, self.optimizer, dict(self.state, iteration=it))
+        mx.save_safetensors(str(self.adapter_dir / f"{it:07d}_adapters.safetensors"), dict(_flat(self.model.trainable_parameters())))
+        self.ctx.log.info("checkpoint_saved", iteration=it)
+
+
+def run(ctx: StageContext) -> dict[str, str]:
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx_lm.tuner.trainer import TrainingArgs, train
+
+    spec_train = ctx.spec["train"]
+    if spec_train.get("distributed"):
+        raise StageFailed("train.distributed is not supported yet: remove it to train on this machine")
+    base = base_path(ctx)
+    adapter_dir = ctx.path("adapters")
+    adapter_dir.mkdir(exist_ok=True)
+    if (adapter_dir / "adapters.safetensors").exists() and (adapter_dir / "done.json").exists():
+        ctx.log.info("lora_already_done")
+        return {"adapters": "adapters"}
+    model, tokenizer, config, qlora = load_for_training(base, ctx.log)
+    apply_adapters(model, spec_train)
+    trainable = sum(v.size for _, v in _flat(model.trainable_parameters()))
+    total = sum(v.size for _, v in _flat(model.parameters()))
+    train_set, valid_set, _ = load_datasets(ctx.path("data"), tokenizer, spec_train["mask_prompt"])
+    lengths = sorted(len(train_set[i][0]) for i in range(min(len(train_set), 2000)))
+    ctx.log.info("training_setup", method=spec_train["method"], qlora=qlora, trainable_params=trainable,
+                 total_params=total, train_rows=len(train_set), valid_rows=len(valid_set) if valid_set else 0,
+                 tokens_median=lengths[len(lengths) // 2], tokens_max=lengths[-1],
+                 truncated_rows=sum(n > spec_train["max_seq_length"] for n in lengths))
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(adapter_config(spec_train, base), indent=2))
+
+    optimizer = optim.Adam(learning_rate=spec_train["learning_rate"])
+    state = load_checkpoint(adapter_dir, model, optimizer)
+    if state:
+        ctx.log.info("training_resumed", iteration=state["iteration"], best_val=state.get("best_val"))
+    else:
+        state = {"iteration": 0, "best_val": None, "best_iteration": None, "evals_since_best": 0}
+        (adapter_dir / "metrics.jsonl").unlink(missing_ok=True)
+    seed = ctx.spec["data"].get("seed", 0) + state["iteration"]
+    mx.random.seed(seed)
+    np.random.seed(seed)
+    remaining = spec_train["iters"] - state["iteration"]
+    tracker = Tracker(ctx, model, optimizer, adapter_dir, state)
+    stopped_early = False
+    if remaining > 0:
+        args = TrainingArgs(
+            batch_size=spec_train["batch_size"], iters=remaining,
+            val_batches=25, steps_per_report=1, steps_per_eval=spec_train["eval_every"],
+            steps_per_save=10**9, max_seq_length=spec_train["max_seq_length"],
+            adapter_file=str(adapter_dir / ".last.safetensors"),
+        )
+        if valid_set is not None and len(valid_set) < args.batch_size:
+            valid_set = None
+        try:
+            train(model=model, optimizer=optimizer, train_dataset=train_set, val_dataset=valid_set,
+                  args=args, training_callback=tracker)
+        except EarlyStop as e:
+            stopped_early = True
+            ctx.log.info("early_stopping", iteration=int(str(e.args[0])), best_iteration=state["best_iteration"],
+                         best_val=state["best_val"], patience=spec_train["early_stopping"]["patience"])
+    final = dict(_flat(model.trainable_parameters()))
+    best = adapter_dir / "best.safetensors"
+    if best.exists():
+        shutil.copyfile(best, adapter_dir / ".adapters.tmp")
+        os.replace(adapter_dir / ".adapters.tmp", adapter_dir / "adapters.safetensors")
+    else:
+        mx.save_safetensors(str(adapter_dir / "adapters.safetensors"), final)
+    (adapter_dir / ".last.safetensors").unlink(missing_ok=True)
+    summary = {"iterations": state["iteration"], "best_iteration": state["best_iteration"], "best_val_loss": state["best_val"],
+               "stopped_early": stopped_early, "qlora": qlora}
+    atomic_write_json(adapter_dir / "done.json", summary)
+    ctx.report_progress({"iteration": state["iteration"], "iters": spec_train["iters"], "final": True})
+    ctx.log.info("training_finished", **summary)
+    return {"adapters": "adapters"}
