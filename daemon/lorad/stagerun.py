@@ -97,7 +97,8 @@ def run_stage(job_dir: Path, stage: str, cache_dir: Path) -> int:
         return EXIT_INTERRUPTED
     except Skipped as e:
         log.warning("stage_skipped", message=str(e))
-        _record_stage_note(job_dir, stage, str(e))
+        _update_status(job_dir, lambda s: (s.setdefault("stages", {}).setdefault(stage, {}).update(message=str(e)),
+                                           s.setdefault("artifacts", {}).update(e.artifacts)))
         return EXIT_SKIPPED
     except StageFailed as e:
         log.error("stage_failed", error_type="StageFailed", message=str(e))
@@ -107,29 +108,24 @@ def run_stage(job_dir: Path, stage: str, cache_dir: Path) -> int:
         log.error("stage_failed", error_type=type(e).__name__, message=str(e), exc_info=True)
         _record_error(job_dir, stage, type(e).__name__, str(e), traceback.format_exc())
         return EXIT_FAILED
-    status = read_status(job_dir) or {}
-    status.setdefault("artifacts", {}).update(artifacts)
-    write_status(job_dir, status)
+    _update_status(job_dir, lambda s: s.setdefault("artifacts", {}).update(artifacts))
     log.info("stage_outputs", artifacts=artifacts)
     return EXIT_OK
 
 
+def _update_status(job_dir: Path, change: Any) -> None:
+    from lorad.outbox import read_status, write_status
+
+    status = read_status(job_dir) or {}
+    change(status)
+    write_status(job_dir, status)
+
+
 def _record_error(job_dir: Path, stage: str, etype: str, message: str, tb: str | None = None) -> None:
-    from lorad.outbox import read_status, write_status
-
-    status = read_status(job_dir) or {}
-    status["error"] = {"type": etype, "message": message, "stage": stage, "errors": []}
+    error = {"type": etype, "message": message, "stage": stage, "errors": []}
     if tb:
-        status["error"]["traceback"] = tb[-4000:]
-    write_status(job_dir, status)
-
-
-def _record_stage_note(job_dir: Path, stage: str, message: str) -> None:
-    from lorad.outbox import read_status, write_status
-
-    status = read_status(job_dir) or {}
-    status.setdefault("stages", {}).setdefault(stage, {})["message"] = message
-    write_status(job_dir, status)
+        error["traceback"] = tb[-4000:]
+    _update_status(job_dir, lambda s: s.update(error=error))
 
 
 def main(argv: list[str] | None = None) -> int:

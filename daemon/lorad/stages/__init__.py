@@ -25,6 +25,10 @@ class Interrupted(Exception):
 class Skipped(Exception):
     """The stage has nothing to do here (e.g. no Ollama server); the job goes on."""
 
+    def __init__(self, message: str, artifacts: dict[str, str] | None = None):
+        super().__init__(message)
+        self.artifacts = artifacts or {}
+
 
 class StageFailed(Exception):
     """A failure with a message meant for the user (no traceback needed)."""
