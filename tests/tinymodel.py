@@ -77,7 +77,7 @@ def make_tiny_model(out_dir: Path, model_type: str = "llama", template: str = "c
     }
     if model_type == "gemma2":
         config.update(head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
-    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    module = importlib.import_module(f"mlx_lm.models.{ {'mistral': 'llama'}.get(model_type, model_type)}")
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config))
     params = dict(tree_flatten(model.parameters()))

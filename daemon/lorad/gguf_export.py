@@ -42,11 +42,18 @@ def _pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
 
 
 def tokenizer_metadata(model_dir: Path) -> dict[str, Any]:
-    """tokens, token types, model and pre-tokenizer name from tokenizer.json (byte-level BPE only)."""
-    path = model_dir / "tokenizer.json"
-    if not path.exists():
-        raise ExportError(f"{model_dir} has no tokenizer.json; only fast (tokenizer.json) BPE tokenizers are exported")
-    tj = json.loads(path.read_text())
+    """Tokens, types, pre-tokenizer name and BOS use of the tokenizer training used (byte-level BPE only).
+
+    Read from the tokenizer as transformers builds it (its class may replace the
+    file's pre-tokenizer, as Qwen2Tokenizer does), not from tokenizer.json alone.
+    """
+    from mlx_lm.utils import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    backend = getattr(tokenizer._tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError(f"{model_dir}: only fast (tokenizer.json) tokenizers are exported to GGUF")
+    tj = json.loads(backend.to_str())
     model = tj.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise ExportError("only byte-level BPE tokenizers (Llama 3, SmolLM, Qwen) are exported to GGUF; "
@@ -62,7 +69,9 @@ def tokenizer_metadata(model_dir: Path) -> dict[str, Any]:
     for token, idx in vocab.items():
         tokens[idx] = token
         types[idx] = 3 if specials.get(idx) else 4 if idx in specials else 1  # CONTROL / USER_DEFINED / NORMAL
-    return {"tokens": tokens, "types": types, "model": "gpt2", "pre": _pre_tokenizer_name(tj)}
+    bos = tokenizer.bos_token_id
+    return {"tokens": tokens, "types": types, "model": "gpt2", "pre": _pre_tokenizer_name(tj),
+            "add_bos": bos is not None and tokenizer.encode("a")[:1] == [bos]}
 
 
 def _load_weights(model_dir: Path) -> dict[str, Any]:
@@ -172,6 +181,8 @@ def write_gguf(model_dir: Path, out_path: Path, outtype: str = "f16", name: str 
     writer.add_token_list(tok["tokens"])
     writer.add_token_types(tok["types"])
     special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tok["tokens"]))
+    # say explicitly whether a BOS is added (llama.cpp's default differs by architecture): as in training
+    special.add_special_token["bos"] = tok["add_bos"]
     special.add_to_gguf(writer, quiet=True)
 
     for hf_name, gguf_name, qtype in plan:

@@ -87,7 +87,7 @@ def run(ctx: StageContext) -> dict[str, str]:
     agreement["relative_diff"] = round(relative, 5)
     ctx.log.info("gguf_agreement", outtype=outtype, **agreement)
     (ctx.path("gguf_check.json")).write_text(json.dumps({"outtype": outtype, **agreement}, indent=2))
-    if outtype in TOLERANCE and (relative > TOLERANCE[outtype] or agreement["top1_agreement"] < 1.0):
+    if outtype in TOLERANCE and (relative > TOLERANCE[outtype] or agreement["top1_agreement"] < 0.9):
         raise StageFailed(f"llama.cpp disagrees with MLX on the {outtype} export: max |Δlogit| {agreement['max_abs_diff']} "
                           f"({relative:.4f} of the logit scale), top-1 agreement {agreement['top1_agreement']}")
     if not agreement["tokenizer_agrees"]:
