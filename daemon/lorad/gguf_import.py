@@ -148,7 +148,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
     """Write an mlx-lm loadable folder for gguf_path into out_dir; returns a summary."""
     import mlx.core as mx
 
-    weights, meta = mx.load(str(gguf_path), return_metadata=True)
+    weights, meta = mx.load(str(gguf_path), format="gguf", return_metadata=True)
     arch = _scalar(meta, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"{gguf_path.name}: GGUF architecture {arch!r} is not supported "

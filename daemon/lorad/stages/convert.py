@@ -37,6 +37,8 @@ def resolve_source(source: str) -> Path:
     path = Path(ref).expanduser()
     if not path.exists():
         raise StageFailed(f"model.source {source!r}: no such file or folder")
+    if path.is_file() and not _is_gguf(path):
+        raise StageFailed(f"model.source {source!r}: not a GGUF file (expected a .gguf file or a model folder)")
     if path.is_dir() and not (path / "config.json").exists():
         raise StageFailed(f"model.source {source!r}: the folder has no config.json (expected an HF or MLX model folder)")
     return path.resolve()
@@ -53,7 +55,7 @@ def cache_key(local: Path, quantize: dict[str, Any] | None) -> str:
 def build_base(local: Path, dest: Path, quantize: dict[str, Any] | None, log: Any) -> dict[str, Any]:
     from lorad.gguf_import import convert_gguf
 
-    if local.suffix == ".gguf":
+    if _is_gguf(local):
         summary = convert_gguf(local, dest)
     else:
         from mlx_lm.utils import load, quantize_model, save
@@ -109,6 +111,14 @@ def run(ctx: StageContext) -> dict[str, str]:
                          seconds=round(time.time() - t0, 2), **{k: v for k, v in summary.items() if k != "from"})
     (ctx.path("base_model.json")).write_text(json.dumps({"path": str(base), "source": model["source"]}))
     return {"base_model": "base_model.json"}
+
+
+def _is_gguf(path: Path) -> bool:
+    """By magic, not name: Ollama's blobs have no .gguf suffix."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def _is_mlx_loadable(folder: Path) -> bool:

@@ -108,6 +108,16 @@ def load_datasets(data_dir: Path, tokenizer: Any, mask_prompt: bool):
     return CacheDataset(train), (CacheDataset(valid) if valid else None), test
 
 
+def optimizer_fingerprint(optimizer: Any) -> dict[str, float]:
+    """Step count and a checksum of the optimizer's moments: lets a resume prove it continued, not restarted."""
+    import mlx.core as mx
+
+    flat = _flat(optimizer.state)
+    total = sum(float(mx.sum(mx.abs(v.astype(mx.float32)))) for k, v in flat if k.endswith((".m", ".v")) or k in ("m", "v"))
+    step = next((int(v.item()) for k, v in flat if k == "step"), 0)
+    return {"optimizer_step": step, "optimizer_checksum": round(total, 6)}
+
+
 def save_checkpoint(adapter_dir: Path, model: Any, optimizer: Any, state: dict[str, Any]) -> None:
     """adapters + optimizer state + counters, written to a temp folder and renamed into place."""
     import mlx.core as mx
@@ -204,7 +214,7 @@ class Tracker:
 
         save_checkpoint(self.adapter_dir, self.model, self.optimizer, dict(self.state, iteration=it))
         mx.save_safetensors(str(self.adapter_dir / f"{it:07d}_adapters.safetensors"), dict(_flat(self.model.trainable_parameters())))
-        self.ctx.log.info("checkpoint_saved", iteration=it)
+        self.ctx.log.info("checkpoint_saved", iteration=it, **optimizer_fingerprint(self.optimizer))
 
 
 def run(ctx: StageContext) -> dict[str, str]:
@@ -237,7 +247,8 @@ def run(ctx: StageContext) -> dict[str, str]:
     optimizer = optim.Adam(learning_rate=spec_train["learning_rate"])
     state = load_checkpoint(adapter_dir, model, optimizer)
     if state:
-        ctx.log.info("training_resumed", iteration=state["iteration"], best_val=state.get("best_val"))
+        ctx.log.info("training_resumed", iteration=state["iteration"], best_val=state.get("best_val"),
+                     **optimizer_fingerprint(optimizer))
     else:
         state = {"iteration": 0, "best_val": None, "best_iteration": None, "evals_since_best": 0}
         (adapter_dir / "metrics.jsonl").unlink(missing_ok=True)
