@@ -195,6 +195,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if last.get("state") == "succeeded" else 1
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from lorad.score import main as score_main
+
+    return score_main(args.pairs, args.engine, args.rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorad", description="Fine-tune language models from job specs dropped into a folder.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -234,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job")
     with_root(p, folders=True)
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("score", help="score text-to-SQL predictions by executing them")
+    p.add_argument("pairs", help="JSONL rows with sql_context, sql (gold) and prediction")
+    p.add_argument("--engine", choices=["sqlite", "duckdb"], default="sqlite")
+    p.add_argument("--rows", help="write per-row results (match, reason) to this JSONL file")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("demo", help="run jobspecs/demo.yaml end to end")
     with_root(p)

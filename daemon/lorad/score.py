@@ -1,0 +1,355 @@
+"""Text-to-SQL execution scoring (`lorad score`).
+
+The protocol of shared/reference/sql-eval-anchors.md: a fresh in-memory
+database per row built from sql_context; gold and prediction run on the same
+engine with timeouts that really interrupt; results compared as multisets
+(in order only when the gold has a top-level ORDER BY), ignoring column order
+and names, floats to 6 places; a gold that fails is excluded with its reason;
+INSERT/UPDATE/DELETE/DDL compared by the resulting table contents.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import sqlite3
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+TIMEOUT_SECONDS = 5.0
+MAX_ROWS = 10_000
+STATEMENT_START = re.compile(r"\b(WITH|SELECT|INSERT|UPDATE|DELETE|REPLACE|CREATE|DROP|ALTER)\b", re.IGNORECASE)
+NONDETERMINISTIC = re.compile(r"\b(NOW|CURDATE|CURRENT_DATE|CURRENT_TIMESTAMP|CURRENT_TIME|RANDOM|RAND|GETDATE|SYSDATE)\b|"
+                              r"date\(\s*'now'", re.IGNORECASE)
+READ_ONLY = re.compile(r"^\s*(WITH|SELECT|VALUES|\()", re.IGNORECASE)
+
+
+class QueryTimeout(Exception):
+    pass
+
+
+# --- SQL text ------------------------------------------------------------------
+
+def split_statements(sql: str) -> list[str]:
+    """Statements of a script, split on ';' outside quotes and comments."""
+    out, buf, quote, i = [], [], None, 0
+    while i < len(sql):
+        ch = sql[i]
+        if quote:
+            buf.append(ch)
+            if ch == quote:
+                if i + 1 < len(sql) and sql[i + 1] == quote:  # '' escape
+                    buf.append(sql[i + 1])
+                    i += 1
+                else:
+                    quote = None
+        elif ch in "'\"`":
+            quote = ch
+            buf.append(ch)
+        elif sql.startswith("--", i):
+            end = sql.find("\n", i)
+            i = len(sql) if end < 0 else end
+            continue
+        elif ch == ";":
+            stmt = "".join(buf).strip()
+            if stmt:
+                out.append(stmt)
+            buf = []
+        else:
+            buf.append(ch)
+        i += 1
+    tail = "".join(buf).strip()
+    if tail:
+        out.append(tail)
+    return out
+
+
+def extract_sql(text: str | None) -> str | None:
+    """The first SQL statement in a model's answer: fences and chatter removed."""
+    if not text:
+        return None
+    fence = re.search(r"```(?:sql|sqlite|SQL)?\s*\n?(.*?)(?:```|$)", text, re.DOTALL)
+    if fence and STATEMENT_START.search(fence.group(1)):
+        text = fence.group(1)
+    match = STATEMENT_START.search(text)
+    if not match:
+        return None
+    statements = split_statements(text[match.start():])
+    return statements[0] if statements else None
+
+
+def has_top_level_order_by(sql: str) -> bool:
+    """ORDER BY outside any parentheses (a subquery's ORDER BY does not order the result)."""
+    depth, cleaned = 0, []
+    for ch in re.sub(r"'(?:[^']|'')*'", "''", sql):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif depth == 0:
+            cleaned.append(ch)
+    return re.search(r"\bORDER\s+BY\b", "".join(cleaned), re.IGNORECASE) is not None
+
+
+# --- engines -------------------------------------------------------------------
+
+class SQLite:
+    name = "sqlite"
+
+    def connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(":memory:", isolation_level=None)
+
+    def run_script(self, con: sqlite3.Connection, script: str) -> None:
+        con.executescript(script)
+
+    def execute(self, con: sqlite3.Connection, sql: str, timeout: float) -> list[tuple] | None:
+        deadline = time.monotonic() + timeout
+        timed_out = [False]
+
+        def check() -> int:
+            if time.monotonic() > deadline:
+                timed_out[0] = True
+                return 1
+            return 0
+
+        con.set_progress_handler(check, 1000)
+        try:
+            cur = con.execute(sql)
+            rows = cur.fetchmany(MAX_ROWS) if cur.description else None
+        except sqlite3.OperationalError:
+            if timed_out[0]:
+                raise QueryTimeout() from None
+            raise
+        finally:
+            con.set_progress_handler(None, 0)
+        return rows
+
+    def tables(self, con: sqlite3.Connection) -> list[str]:
+        return [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+
+    def errors(self) -> tuple[type[BaseException], ...]:
+        return (sqlite3.Error, OverflowError, ValueError)
+
+
+class DuckDB:
+    name = "duckdb"
+
+    def __init__(self) -> None:
+        import duckdb
+
+        self.duckdb = duckdb
+
+    def connect(self):
+        return self.duckdb.connect(":memory:")
+
+    def run_script(self, con, script: str) -> None:
+        for stmt in split_statements(script):
+            con.execute(stmt)
+
+    def execute(self, con, sql: str, timeout: float) -> list[tuple] | None:
+        fired = [False]
+
+        def interrupt() -> None:
+            fired[0] = True
+            con.interrupt()
+
+        timer = threading.Timer(timeout, interrupt)
+        timer.start()
+        try:
+            con.execute(sql)
+            rows = con.fetchmany(MAX_ROWS) if con.description else None
+        except self.duckdb.Error:
+            if fired[0]:
+                raise QueryTimeout() from None
+            raise
+        finally:
+            timer.cancel()
+        return rows
+
+    def tables(self, con) -> list[str]:
+        return [r[0] for r in con.execute("SELECT table_name FROM information_schema.tables ORDER BY table_name").fetchall()]
+
+    def errors(self) -> tuple[type[BaseException], ...]:
+        return (self.duckdb.Error, OverflowError, ValueError)
+
+
+def engine(name: str):
+    if name == "sqlite":
+        return SQLite()
+    if name == "duckdb":
+        try:
+            return DuckDB()
+        except ImportError:
+            raise SystemExit("lorad score --engine duckdb needs DuckDB: pip install 'lorad[duckdb]'") from None
+    raise ValueError(f"unknown engine {name!r}")
+
+
+# --- comparison ------------------------------------------------------------------
+
+def _norm(value: Any) -> Any:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        f = float(value)
+        return f if math.isnan(f) or math.isinf(f) else round(f, 6) + 0.0
+    if hasattr(value, "__float__") and not isinstance(value, (str, bytes)):  # Decimal
+        return round(float(value), 6) + 0.0
+    if hasattr(value, "isoformat"):  # DuckDB dates
+        return value.isoformat()
+    return value
+
+
+def _normalize(rows: list[tuple]) -> list[tuple]:
+    return [tuple(_norm(v) for v in row) for row in rows]
+
+
+def results_match(gold: list[tuple], pred: list[tuple], ordered: bool) -> bool:
+    """Equal as multisets (or lists when ordered), for some matching of pred columns to gold columns."""
+    if len(gold) != len(pred):
+        return False
+    if not gold:
+        return True
+    width = len(gold[0])
+    if any(len(r) != width for r in pred):
+        return False
+    gold_cols = [Counter(r[i] for r in gold) for i in range(width)]
+    pred_cols = [Counter(r[i] for r in pred) for i in range(width)]
+    candidates = [[j for j in range(width) if pred_cols[j] == gold_cols[i]] for i in range(width)]
+    if any(not c for c in candidates):
+        return False
+    target = gold if ordered else Counter(gold)
+    tried = 0
+    for perm in itertools.product(*candidates):
+        if len(set(perm)) != width:
+            continue
+        tried += 1
+        if tried > 5000:
+            break
+        permuted = [tuple(r[j] for j in perm) for r in pred]
+        if (permuted if ordered else Counter(permuted)) == target:
+            return True
+    return False
+
+
+def _snapshot(db, con) -> dict[str, Counter]:
+    return {t: Counter(_normalize(db.execute(con, f'SELECT * FROM "{t}"', TIMEOUT_SECONDS) or [])) for t in db.tables(con)}
+
+
+def score_row(row: dict[str, Any], db, timeout: float = TIMEOUT_SECONDS) -> dict[str, Any]:
+    """{match: bool | None, reason, pred_sql, gold_rows?}; match None means excluded."""
+    context, gold = row.get("sql_context") or "", (row.get("sql") or "").strip()
+    pred = extract_sql(row.get("prediction"))
+    result: dict[str, Any] = {"pred_sql": pred}
+    if not gold:
+        return {**result, "match": None, "reason": "no_gold"}
+    if NONDETERMINISTIC.search(gold):
+        return {**result, "match": None, "reason": "nondeterministic"}
+    errors = db.errors()
+    gold_stmt = split_statements(gold)[0] if split_statements(gold) else gold
+    is_query = bool(READ_ONLY.match(gold_stmt))
+    con = db.connect()
+    try:
+        try:
+            db.run_script(con, context)
+        except errors:
+            return {**result, "match": None, "reason": "context_error"}
+        try:
+            gold_rows = db.execute(con, gold_stmt, timeout)
+        except QueryTimeout:
+            return {**result, "match": None, "reason": "gold_timeout"}
+        except errors:
+            return {**result, "match": None, "reason": "gold_error"}
+        gold_state = None if is_query else _snapshot(db, con)
+    finally:
+        con.close()
+    result["gold_nonempty"] = bool(gold_rows) if is_query else None
+    if pred is None:
+        return {**result, "match": False, "reason": "no_sql", "valid": False}
+    con = db.connect()
+    try:
+        db.run_script(con, context)
+        try:
+            pred_rows = db.execute(con, pred, timeout)
+        except QueryTimeout:
+            return {**result, "match": False, "reason": "pred_timeout", "valid": False}
+        except errors as e:
+            return {**result, "match": False, "reason": "pred_error", "error": str(e)[:200], "valid": False}
+        if is_query:
+            if pred_rows is None or not READ_ONLY.match(pred):
+                return {**result, "match": False, "reason": "pred_not_a_query", "valid": True}
+            ok = results_match(_normalize(gold_rows or []), _normalize(pred_rows), has_top_level_order_by(gold_stmt))
+        else:
+            ok = _snapshot(db, con) == gold_state
+    finally:
+        con.close()
+    return {**result, "match": ok, "reason": "match" if ok else "mismatch", "valid": True}
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> list[float] | None:
+    """Wilson score 95 % interval for a proportion."""
+    if n == 0:
+        return None
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+def summarize(rows: list[dict[str, Any]], engine_name: str) -> dict[str, Any]:
+    scored = [r for r in rows if r["match"] is not None]
+    matches = sum(1 for r in scored if r["match"])
+    nonempty = [r for r in scored if r.get("gold_nonempty")]
+    summary: dict[str, Any] = {
+        "engine": engine_name,
+        "n": len(rows),
+        "scored": len(scored),
+        "excluded": dict(Counter(r["reason"] for r in rows if r["match"] is None)),
+        "matches": matches,
+        "execution_accuracy": round(matches / len(scored), 4) if scored else None,
+        "execution_accuracy_ci95": wilson(matches, len(scored)),
+        "valid_sql_rate": round(sum(1 for r in scored if r.get("valid")) / len(scored), 4) if scored else None,
+        "execution_accuracy_nonempty": round(sum(1 for r in nonempty if r["match"]) / len(nonempty), 4) if nonempty else None,
+        "reasons": dict(Counter(r["reason"] for r in scored)),
+    }
+    groups: dict[str, list] = {}
+    for r in scored:
+        if r.get("sql_complexity"):
+            groups.setdefault(r["sql_complexity"], []).append(r["match"])
+    if groups:
+        summary["by_complexity"] = {k: {"scored": len(v), "matches": sum(v), "execution_accuracy": round(sum(v) / len(v), 4)}
+                                    for k, v in sorted(groups.items())}
+    return summary
+
+
+def score_rows(rows: Iterable[dict[str, Any]], engine_name: str = "sqlite",
+               timeout: float = TIMEOUT_SECONDS) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    db = engine(engine_name)
+    out = [{**row, **score_row(row, db, timeout)} for row in rows]
+    return summarize(out, engine_name), out
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as e:
+                    raise SystemExit(f"{path}:{lineno}: not valid JSON: {e}") from None
+    return rows
+
+
+def main(pairs: str, engine_name: str = "sqlite", rows_out: str | None = None,
+         echo: Callable[[str], None] = print) -> int:
+    summary, rows = score_rows(read_jsonl(Path(pairs)), engine_name)
+    if rows_out:
+        Path(rows_out).write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+    echo(json.dumps(summary, indent=2))
+    return 0
