@@ -201,6 +201,27 @@ def cmd_score(args: argparse.Namespace) -> int:
     return score_main(args.pairs, args.engine, args.rows)
 
 
+def cmd_install_agent(args: argparse.Namespace) -> int:
+    from lorad import service
+
+    kind = "launchd" if args.launchd else "systemd" if args.systemd else service.default_kind()
+    return service.install(_layout(args), kind, args.dry_run)
+
+
+def cmd_uninstall_agent(args: argparse.Namespace) -> int:
+    from lorad import service
+
+    kind = "launchd" if args.launchd else "systemd" if args.systemd else service.default_kind()
+    return service.uninstall(kind, args.dry_run)
+
+
+def cmd_restart_agent(args: argparse.Namespace) -> int:
+    from lorad import service
+
+    kind = "launchd" if args.launchd else "systemd" if args.systemd else service.default_kind()
+    return service.restart(kind)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorad", description="Fine-tune language models from job specs dropped into a folder.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -246,6 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["sqlite", "duckdb"], default="sqlite")
     p.add_argument("--rows", help="write per-row results (match, reason) to this JSONL file")
     p.set_defaults(func=cmd_score)
+
+    for name, func, text in (("install-agent", cmd_install_agent, "install and start the background service"),
+                             ("uninstall-agent", cmd_uninstall_agent, "stop and remove the background service"),
+                             ("restart-agent", cmd_restart_agent, "restart the background service")):
+        p = sub.add_parser(name, help=text)
+        kind = p.add_mutually_exclusive_group()
+        kind.add_argument("--launchd", action="store_true", help="macOS launchd user agent (default on macOS)")
+        kind.add_argument("--systemd", action="store_true", help="systemd user unit (default on Linux)")
+        if name != "restart-agent":
+            p.add_argument("--dry-run", action="store_true", help="print the file and the commands; change nothing")
+        if name == "install-agent":
+            with_root(p, folders=True)
+        p.set_defaults(func=func)
 
     p = sub.add_parser("demo", help="run jobspecs/demo.yaml end to end")
     with_root(p)

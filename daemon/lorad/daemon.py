@@ -24,6 +24,7 @@ import fcntl
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,8 +143,8 @@ class Daemon:
         self.log = outbox.daemon_logger()
         self.observer = None
         self.exit_code = 0
-        self.reported_conflicts: set[str] = set()
         self.inbox_error_reported = False
+        self.caffeinate: subprocess.Popen | None = None
 
     # --- phase 1: boot -------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -230,10 +231,10 @@ class Daemon:
                 self.inbox_error_reported = True
                 interpreter = os.path.realpath(sys.executable)
                 hint = ""
-                if e.errno == errno.EPERM and sys.platform == "darwin":
-                    hint = (f"macOS privacy protection blocks {interpreter} from this folder: grant it "
+                if e.errno == errno.EPERM:  # EACCES is plain permissions; EPERM is macOS privacy (TCC)
+                    hint = (f"macOS privacy protection blocks {interpreter} from this folder: grant that program "
                             "Full Disk Access (System Settings → Privacy & Security), or move the inbox "
-                            "out of Desktop/Documents/iCloud Drive")
+                            "out of Desktop, Documents and iCloud Drive")
                 self.log.error("inbox_permission_denied", folder=str(self.layout.inbox), errno=e.errno,
                                interpreter=interpreter, hint=hint or "check the folder's permissions")
             return False
@@ -365,11 +366,29 @@ class Daemon:
             preexec_fn=_die_with_parent,
         )
         self.current = StageProcess(job_id, stage, proc, log_file)
+        self._hold_awake(True)
         atomic_write_json(self.layout.running, {
             "job_id": job_id, "stage": stage, "pid": proc.pid,
             "pid_start": process_start_time(proc.pid), "started_at": outbox.now_iso(),
         })
         self.log.info("stage_spawned", job_id=job_id, stage=stage, pid=proc.pid)
+
+    def _hold_awake(self, on: bool) -> None:
+        """While a job runs, keep the machine from sleeping (macOS `caffeinate -i -w <our pid>`)."""
+        if on and self.caffeinate is None:
+            exe = shutil.which("caffeinate")
+            if exe:
+                self.caffeinate = subprocess.Popen([exe, "-i", "-w", str(os.getpid())], stdin=subprocess.DEVNULL,
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                self.log.info("caffeinate_started", pid=self.caffeinate.pid)
+        elif not on and self.caffeinate is not None:
+            self.caffeinate.terminate()
+            try:
+                self.caffeinate.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.caffeinate.kill()
+            self.log.info("caffeinate_released", pid=self.caffeinate.pid)
+            self.caffeinate = None
 
     def _terminate_current(self) -> None:
         cur = self.current
@@ -405,6 +424,8 @@ class Daemon:
         job_dir = self.layout.job_dir(cur.job_id)
         status = outbox.read_status(job_dir) or {}
         log = outbox.event_logger(job_dir, job_id=cur.job_id, stage=cur.stage)
+        if code not in (EXIT_OK, EXIT_SKIPPED) or cur.cancel:
+            self._hold_awake(False)  # the job stops here (failed, cancelled or interrupted)
         if cur.cancel:
             outbox.set_stage(status, cur.stage, "cancelled")
             outbox.write_status(job_dir, status)
@@ -437,6 +458,7 @@ class Daemon:
         self._retire(cur.job_id)
 
     def _finish_job(self, job_id: str, status: dict | None) -> None:
+        self._hold_awake(False)
         job_dir = self.layout.job_dir(job_id)
         if status is not None and status.get("state") not in outbox.FINAL_STATES:
             status.update(state="succeeded", stage=None)
@@ -460,6 +482,7 @@ class Daemon:
             self._start_watcher()
             self._loop()
         finally:
+            self._hold_awake(False)
             if self.observer is not None:
                 self.observer.stop()
             os.close(lock_fd)

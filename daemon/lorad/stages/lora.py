@@ -46,6 +46,8 @@ def load_for_training(base: Path, log: Any, train_dequantized: bool | None = Non
     if quantized and train_dequantized:
         model = dequantize_model(model)
         log.info("base_dequantized_for_training", reason="QLoRA on a CPU is slow; the full base fits in memory")
+    if mx.default_device() == mx.cpu and not (quantized and not train_dequantized):
+        model.set_dtype(mx.float32)  # BLAS has no fp16/bf16 GEMM: half precision on a CPU is ~10x slower
     return model, tokenizer, config, quantized and not train_dequantized
 
 

@@ -1,0 +1,165 @@
+"""Installing lorad as a background service: a launchd user agent (macOS) or a systemd user unit (Linux).
+
+The unit files are templates in launchd/; this module fills them with absolute
+paths, writes them, and drives launchctl/systemctl (launchctl 2.0 verbs:
+bootstrap, bootout, kickstart). --dry-run prints the file and the commands.
+"""
+
+from __future__ import annotations
+
+import os
+import plistlib
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+from lorad.layout import Layout
+from lorad.spec import repo_root
+
+LABEL = "dev.lorad.daemon"
+UNIT = "lorad.service"
+
+
+@dataclass
+class Plan:
+    path: Path
+    content: str
+    commands: list[list[str]]
+    notes: list[str]
+
+
+def _fill(template: str, values: dict[str, str], xml: bool) -> str:
+    for key, value in values.items():
+        template = template.replace("{{" + key + "}}", escape(value) if xml and key != "extra_args" else value)
+    return template
+
+
+def _values(layout: Layout) -> dict[str, str]:
+    return {"python": sys.executable, "root": str(layout.root), "state": str(layout.state), "inbox": str(layout.inbox)}
+
+
+def _extra_args(layout: Layout) -> list[str]:
+    """--inbox/--outbox when they are not the root's own folders (e.g. an inbox in Dropbox)."""
+    extra = []
+    if layout.inbox != layout.root / "inbox":
+        extra += ["--inbox", str(layout.inbox)]
+    if layout.outbox != layout.root / "outbox":
+        extra += ["--outbox", str(layout.outbox)]
+    return extra
+
+
+def _systemd_quote(arg: str) -> str:
+    """ExecStart splits on spaces; systemd.service(5) takes C-style double-quoted words."""
+    if not any(c.isspace() or c in '"\\' for c in arg):
+        return arg
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def launchd_plan(layout: Layout, home: Path, uid: int) -> Plan:
+    values = _values(layout)
+    extra_xml = "".join(f"\n    <string>{escape(a)}</string>" for a in _extra_args(layout))
+    logs = home / "Library" / "Logs" / "lorad"
+    template = (repo_root() / "launchd" / f"{LABEL}.plist").read_text()
+    content = _fill(template, {**values, "label": LABEL, "logs": str(logs), "extra_args": extra_xml}, xml=True)
+    plistlib.loads(content.encode())  # a template edit that breaks the plist fails here, not in launchd
+    path = home / "Library" / "LaunchAgents" / f"{LABEL}.plist"
+    domain = f"gui/{uid}"
+    return Plan(path, content, [
+        ["launchctl", "bootout", f"{domain}/{LABEL}"],
+        ["launchctl", "bootstrap", domain, str(path)],
+    ], [f"logs: {logs}/lorad.err.log (daemon) and {layout.outbox}/<job>/events.jsonl (jobs)",
+        f"restart: launchctl kickstart -k {domain}/{LABEL}",
+        "if macOS blocks the inbox (Desktop, Documents, iCloud Drive), grant Full Disk Access to "
+        f"{os.path.realpath(sys.executable)} in System Settings → Privacy & Security"])
+
+
+def systemd_plan(layout: Layout, home: Path) -> Plan:
+    template = (repo_root() / "launchd" / UNIT).read_text()
+    values = {k: _systemd_quote(v) if k in ("python", "root") else v for k, v in _values(layout).items()}
+    extra = "".join(f" {_systemd_quote(a)}" for a in _extra_args(layout))
+    content = _fill(template, {**values, "extra_args": extra}, xml=False)
+    path = home / ".config" / "systemd" / "user" / UNIT
+    user = os.environ.get("USER") or "$USER"
+    return Plan(path, content, [
+        ["systemctl", "--user", "daemon-reload"],
+        ["systemctl", "--user", "enable", "--now", UNIT],
+    ], [f"to keep lorad running when you are logged out: loginctl enable-linger {user}",
+        f"logs: journalctl --user -u {UNIT} -f (daemon) and {layout.outbox}/<job>/events.jsonl (jobs)",
+        f"restart: systemctl --user restart {UNIT}"])
+
+
+def _run(cmd: list[str], allow_fail: bool = False) -> int:
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0 and not allow_fail:
+        raise SystemExit(f"lorad: `{' '.join(cmd)}` failed ({out.returncode}): {(out.stderr or out.stdout).strip()}")
+    return out.returncode
+
+
+def default_kind() -> str:
+    return "launchd" if sys.platform == "darwin" else "systemd"
+
+
+def install(layout: Layout, kind: str, dry_run: bool, echo=print) -> int:
+    home = Path.home()
+    plan = launchd_plan(layout, home, os.getuid()) if kind == "launchd" else systemd_plan(layout, home)
+    if dry_run:
+        echo(f"# {plan.path}")
+        echo(plan.content)
+        echo("# then:")
+        for cmd in plan.commands:
+            echo(" ".join(cmd))
+        for note in plan.notes:
+            echo(f"# {note}")
+        return 0
+    layout.make_dirs()
+    if kind == "launchd":
+        (home / "Library" / "Logs" / "lorad").mkdir(parents=True, exist_ok=True)
+    plan.path.parent.mkdir(parents=True, exist_ok=True)
+    plan.path.write_text(plan.content)
+    plan.path.chmod(0o644)
+    if kind == "launchd":
+        _run(plan.commands[0], allow_fail=True)  # not loaded yet is fine
+        if _run(plan.commands[1], allow_fail=True) != 0:  # bootstrap right after bootout can fail with EIO once
+            time.sleep(1)
+            _run(plan.commands[1])
+    else:
+        for cmd in plan.commands:
+            _run(cmd)
+    echo(f"installed {plan.path}")
+    for note in plan.notes:
+        echo(note)
+    return 0
+
+
+def uninstall(kind: str, dry_run: bool, echo=print) -> int:
+    home = Path.home()
+    if kind == "launchd":
+        path = home / "Library" / "LaunchAgents" / f"{LABEL}.plist"
+        commands = [["launchctl", "bootout", f"gui/{os.getuid()}/{LABEL}"]]
+    else:
+        path = home / ".config" / "systemd" / "user" / UNIT
+        commands = [["systemctl", "--user", "disable", "--now", UNIT], ["systemctl", "--user", "daemon-reload"]]
+    if dry_run:
+        for cmd in commands[:1]:
+            echo(" ".join(cmd))
+        echo(f"rm {path}")
+        for cmd in commands[1:]:
+            echo(" ".join(cmd))
+        return 0
+    _run(commands[0], allow_fail=True)
+    path.unlink(missing_ok=True)
+    for cmd in commands[1:]:
+        _run(cmd, allow_fail=True)
+    echo(f"removed {path}")
+    return 0
+
+
+def restart(kind: str, echo=print) -> int:
+    cmd = (["launchctl", "kickstart", "-k", f"gui/{os.getuid()}/{LABEL}"] if kind == "launchd"
+           else ["systemctl", "--user", "restart", UNIT])
+    _run(cmd)
+    echo("restarted")
+    return 0
