@@ -49,6 +49,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(problem.format(args.file), file=sys.stderr)
         print(f"lorad: {args.file} was not submitted", file=sys.stderr)
         return 1
+    hosts = (result.spec["train"].get("distributed") or {}).get("hosts")
+    if hosts:
+        from lorad.distributed import HostError, check_hosts
+
+        try:
+            check_hosts(hosts)
+        except HostError as e:
+            print(f"{args.file}: $.train.distributed.hosts: {e}", file=sys.stderr)
+            print(f"lorad: {args.file} was not submitted", file=sys.stderr)
+            return 1
     lay = _layout(args)
     lay.inbox.mkdir(parents=True, exist_ok=True)
     job_id = outbox.new_job_id(result.spec["name"], lambda j: lay.job_dir(j).exists())

@@ -122,13 +122,15 @@ def _json_logger(stream: Any) -> structlog.typing.FilteringBoundLogger:
     )
 
 
-def event_logger(job_dir: Path, **context: Any) -> structlog.typing.FilteringBoundLogger:
-    """A structlog logger appending JSON lines to the job's events.jsonl.
+def event_logger(job_dir: Path, name: str = "events.jsonl", **context: Any) -> structlog.typing.FilteringBoundLogger:
+    """A structlog logger appending JSON lines to the job's events.jsonl (or another log in the job).
 
     Each event is one write() on an O_APPEND file, so the daemon and a stage
     process can log to the same file without interleaving.
     """
-    fh = open(Path(job_dir) / "events.jsonl", "a", buffering=1 << 16)
+    path = Path(job_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a", buffering=1 << 16)
     return _json_logger(fh).bind(**context)
 
 

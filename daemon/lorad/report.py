@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +88,15 @@ def write_report(ctx: Any, result: dict[str, Any], per_row: list[dict[str, Any]]
         "|---|---|---|",
     ]
     for name, rec in (status.get("stages") or {}).items():
-        lines.append(f"| {name} | {rec.get('state')} | {rec.get('seconds') if rec.get('seconds') is not None else 'running'} |")
+        seconds = rec.get("seconds")
+        if seconds is None and rec.get("_t0"):  # this stage: still running while it writes the report
+            seconds = f"{time.time() - rec['_t0']:.1f} (at report time)"
+        lines.append(f"| {name} | {rec.get('state')} | {seconds} |")
     done = ctx.path("adapters", "done.json")
     if done.exists():
         d = json.loads(done.read_text())
-        lines += ["", f"Training ran {d['iterations']} iterations; best validation loss {d['best_val_loss']} "
+        best = f"{d['best_val_loss']:.4f}" if d.get("best_val_loss") is not None else "–"
+        lines += ["", f"Training ran {d['iterations']} iterations; best validation loss {best} "
                       f"at iteration {d['best_iteration']}" + (" (stopped early)." if d.get("stopped_early") else ".")]
     if plot_loss(ctx.path("adapters", "metrics.jsonl"), ctx.path("loss.png")):
         artifacts["loss_plot"] = "loss.png"

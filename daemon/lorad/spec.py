@@ -236,6 +236,20 @@ def _order_problems(doc: dict[str, Any], builder: _Builder) -> list[Problem]:
     return []
 
 
+def _distributed_problems(doc: dict[str, Any], builder: _Builder) -> list[Problem]:
+    from lorad.distributed import check_batch
+
+    train = doc.get("train") or {}
+    hosts = (train.get("distributed") or {}).get("hosts")
+    if not hosts:
+        return []
+    message = check_batch(apply_defaults(doc)["train"]["batch_size"], hosts)
+    if message is None:
+        return []
+    line, col = _locate(builder, ["train", "batch_size"] if "batch_size" in train else ["train", "distributed"])
+    return [Problem("$.train.batch_size", message, line, col)]
+
+
 def apply_defaults(doc: dict[str, Any], schema: dict[str, Any] | None = None) -> dict[str, Any]:
     """A copy of doc with every schema default filled in, sections included."""
     schema = schema if schema is not None else load_schema()
@@ -255,6 +269,7 @@ def check_bytes(data: bytes) -> SpecResult:
     except SpecError as e:
         return SpecResult(None, None, [e.problem])
     problems = builder.problems + _schema_problems(doc, builder) + _order_problems(doc, builder)
+    problems += _distributed_problems(doc, builder) if not problems else []
     problems.sort(key=lambda p: (p.line or 0, p.column or 0))
     if problems:
         return SpecResult(None, doc, problems)

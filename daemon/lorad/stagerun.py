@@ -72,7 +72,12 @@ def run_stage(job_dir: Path, stage: str, cache_dir: Path) -> int:
     from lorad.stages import Interrupted, Skipped, StageContext, StageFailed
 
     status = read_status(job_dir) or {}
-    log = event_logger(job_dir, job_id=status.get("job_id", job_dir.name), stage=stage)
+    job_id = status.get("job_id", job_dir.name)
+    rank = int(os.environ.get("MLX_RANK", "0"))  # set by mlx.launch for a distributed lora stage
+    if rank:  # other ranks keep their own log and leave status.json to rank 0
+        log = event_logger(job_dir, f"logs/{stage}.rank{rank}.jsonl", job_id=job_id, stage=stage, rank=rank)
+        return _run_rank(job_dir, stage, cache_dir, log)
+    log = event_logger(job_dir, job_id=job_id, stage=stage)
     backend = accel.prepare_backend(stage)
     if backend:
         log.info("backend", **backend)
@@ -110,6 +115,24 @@ def run_stage(job_dir: Path, stage: str, cache_dir: Path) -> int:
         return EXIT_FAILED
     _update_status(job_dir, lambda s: s.setdefault("artifacts", {}).update(artifacts))
     log.info("stage_outputs", artifacts=artifacts)
+    return EXIT_OK
+
+
+def _run_rank(job_dir: Path, stage: str, cache_dir: Path, log: Any) -> int:
+    from lorad import accel
+    from lorad.spec import check_file
+    from lorad.stages import Interrupted, StageContext
+
+    accel.prepare_backend(stage)
+    ctx = StageContext(spec=check_file(job_dir / "spec.yaml").spec, work_dir=job_dir, cache_dir=cache_dir, log=log,
+                       report_progress=lambda p: log.info("progress", **p), should_stop=lambda: _stop["requested"])
+    try:
+        _resolve(stage)(ctx)
+    except Interrupted:
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001
+        log.error("stage_failed", error_type=type(e).__name__, message=str(e), exc_info=True)
+        return EXIT_FAILED
     return EXIT_OK
 
 

@@ -21,7 +21,7 @@ from lorad.score import score_rows
 from lorad.stages import Interrupted, StageContext, StageFailed
 from lorad.stages.convert import base_path
 
-MAX_NEW_TOKENS = 96  # the longest gold query in the bundled set is ~70 tokens
+MAX_NEW_TOKENS = 80  # the longest gold query in the bundled set is ~70 tokens
 BATCH = 16
 
 

@@ -155,17 +155,29 @@ def load_checkpoint(adapter_dir: Path, model: Any, optimizer: Any) -> dict[str, 
 class Tracker:
     """The TrainingCallback: progress, checkpoints, best adapters, early stopping, stop requests."""
 
-    def __init__(self, ctx: StageContext, model: Any, optimizer: Any, adapter_dir: Path, state: dict[str, Any]):
+    def __init__(self, ctx: StageContext, model: Any, optimizer: Any, adapter_dir: Path, state: dict[str, Any],
+                 world_size: int = 1, main: bool = True):
         self.ctx, self.model, self.optimizer, self.adapter_dir = ctx, model, optimizer, adapter_dir
         self.train = ctx.spec["train"]
         self.state = state  # iteration, best_val, best_iteration, evals_since_best
         self.offset = state["iteration"]
+        self.world_size, self.main = world_size, main  # only rank 0 writes files
         self.t0 = time.monotonic()
-        self.metrics = open(adapter_dir / "metrics.jsonl", "a")
+        self.metrics = open(adapter_dir / "metrics.jsonl", "a") if main else None
 
     def _record(self, row: dict[str, Any]) -> None:
-        self.metrics.write(json.dumps(row) + "\n")
-        self.metrics.flush()
+        if self.metrics:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+
+    def _stop_requested(self) -> bool:
+        """Every rank must stop at the same step, or the others hang in the next all-reduce."""
+        import mlx.core as mx
+
+        stop = self.ctx.should_stop()
+        if self.world_size > 1:
+            stop = mx.distributed.all_sum(mx.array(int(stop)), stream=mx.cpu).item() > 0
+        return stop
 
     def on_train_loss_report(self, info: dict[str, Any]) -> None:
         import mlx.core as mx
@@ -182,11 +194,14 @@ class Tracker:
             "tokens_per_second": round(info["tokens_per_second"], 1), "eta_seconds": round(eta, 1) if eta is not None else None,
             "peak_memory_gb": round(info["peak_memory"], 3), "learning_rate": float(info["learning_rate"]),
         }
+        if self.world_size > 1:
+            progress.update(world_size=self.world_size,
+                            tokens_per_second_per_rank=round(info["tokens_per_second"] / self.world_size, 1))
         self._record({"iteration": it, "train_loss": progress["train_loss"], "tokens_per_second": progress["tokens_per_second"]})
         self.ctx.report_progress(progress)
         if it % self.train["save_every"] == 0:
             self.save(it)
-        if self.ctx.should_stop():
+        if self._stop_requested():
             self.save(it)
             raise Interrupted(f"stopped at iteration {it}; checkpoint saved")
         mx.clear_cache() if hasattr(mx, "clear_cache") else None
@@ -202,7 +217,8 @@ class Tracker:
         min_delta = self.train["early_stopping"].get("min_delta", 0.0)
         if best is None or val < best - min_delta:
             self.state.update(best_val=val, best_iteration=it, evals_since_best=0)
-            mx.save_safetensors(str(self.adapter_dir / "best.safetensors"), dict(_flat(self.model.trainable_parameters())))
+            if self.main:
+                mx.save_safetensors(str(self.adapter_dir / "best.safetensors"), dict(_flat(self.model.trainable_parameters())))
             self.ctx.log.info("val_loss", iteration=it, val_loss=round(val, 5), best=True)
         else:
             self.state["evals_since_best"] = self.state.get("evals_since_best", 0) + 1
@@ -214,6 +230,8 @@ class Tracker:
     def save(self, it: int) -> None:
         import mlx.core as mx
 
+        if not self.main:
+            return
         save_checkpoint(self.adapter_dir, self.model, self.optimizer, dict(self.state, iteration=it))
         mx.save_safetensors(str(self.adapter_dir / f"{it:07d}_adapters.safetensors"), dict(_flat(self.model.trainable_parameters())))
         self.ctx.log.info("checkpoint_saved", iteration=it, **optimizer_fingerprint(self.optimizer))
@@ -226,8 +244,11 @@ def run(ctx: StageContext) -> dict[str, str]:
     from mlx_lm.tuner.trainer import TrainingArgs, train
 
     spec_train = ctx.spec["train"]
-    if spec_train.get("distributed"):
-        raise StageFailed("train.distributed is not supported yet: remove it to train on this machine")
+    dist = spec_train.get("distributed")
+    if dist and "MLX_RANK" not in os.environ:
+        return run_distributed(ctx, dist)
+    world = mx.distributed.init() if dist else None
+    world_size, main = (world.size(), world.rank() == 0) if world else (1, True)
     base = base_path(ctx)
     adapter_dir = ctx.path("adapters")
     adapter_dir.mkdir(exist_ok=True)
@@ -240,11 +261,12 @@ def run(ctx: StageContext) -> dict[str, str]:
     total = sum(v.size for _, v in _flat(model.parameters()))
     train_set, valid_set, _ = load_datasets(ctx.path("data"), tokenizer, spec_train["mask_prompt"])
     lengths = sorted(len(train_set[i][0]) for i in range(min(len(train_set), 2000)))
-    ctx.log.info("training_setup", method=spec_train["method"], qlora=qlora, trainable_params=trainable,
+    ctx.log.info("training_setup", method=spec_train["method"], qlora=qlora, trainable_params=trainable, world_size=world_size,
                  total_params=total, train_rows=len(train_set), valid_rows=len(valid_set) if valid_set else 0,
                  tokens_median=lengths[len(lengths) // 2], tokens_max=lengths[-1],
                  truncated_rows=sum(n > spec_train["max_seq_length"] for n in lengths))
-    (adapter_dir / "adapter_config.json").write_text(json.dumps(adapter_config(spec_train, base), indent=2))
+    if main:
+        (adapter_dir / "adapter_config.json").write_text(json.dumps(adapter_config(spec_train, base), indent=2))
 
     optimizer = optim.Adam(learning_rate=spec_train["learning_rate"])
     state = load_checkpoint(adapter_dir, model, optimizer)
@@ -253,12 +275,13 @@ def run(ctx: StageContext) -> dict[str, str]:
                      **optimizer_fingerprint(optimizer))
     else:
         state = {"iteration": 0, "best_val": None, "best_iteration": None, "evals_since_best": 0}
-        (adapter_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if main:
+            (adapter_dir / "metrics.jsonl").unlink(missing_ok=True)
     seed = ctx.spec["data"].get("seed", 0) + state["iteration"]
     mx.random.seed(seed)
     np.random.seed(seed)
     remaining = spec_train["iters"] - state["iteration"]
-    tracker = Tracker(ctx, model, optimizer, adapter_dir, state)
+    tracker = Tracker(ctx, model, optimizer, adapter_dir, state, world_size, main)
     stopped_early = False
     if remaining > 0:
         args = TrainingArgs(
@@ -276,6 +299,11 @@ def run(ctx: StageContext) -> dict[str, str]:
             stopped_early = True
             ctx.log.info("early_stopping", iteration=int(str(e.args[0])), best_iteration=state["best_iteration"],
                          best_val=state["best_val"], patience=spec_train["early_stopping"]["patience"])
+    summary = {"iterations": state["iteration"], "best_iteration": state["best_iteration"], "best_val_loss": state["best_val"],
+               "stopped_early": stopped_early, "qlora": qlora, "world_size": world_size}
+    if not main:
+        ctx.log.info("training_finished", **summary)
+        return {}
     final = dict(_flat(model.trainable_parameters()))
     best = adapter_dir / "best.safetensors"
     if best.exists():
@@ -284,9 +312,59 @@ def run(ctx: StageContext) -> dict[str, str]:
     else:
         mx.save_safetensors(str(adapter_dir / "adapters.safetensors"), final)
     (adapter_dir / ".last.safetensors").unlink(missing_ok=True)
-    summary = {"iterations": state["iteration"], "best_iteration": state["best_iteration"], "best_val_loss": state["best_val"],
-               "stopped_early": stopped_early, "qlora": qlora}
     atomic_write_json(adapter_dir / "done.json", summary)
     ctx.report_progress({"iteration": state["iteration"], "iters": spec_train["iters"], "final": True})
     ctx.log.info("training_finished", **summary)
     return {"adapters": "adapters"}
+
+
+def run_distributed(ctx: StageContext, dist: dict[str, Any]) -> dict[str, str]:
+    """Run this stage once per host under mlx.launch and wait; rank 0 writes the outputs."""
+    import subprocess
+
+    from lorad import distributed
+
+    hosts, backend = dist["hosts"], dist.get("backend", "ring")
+    problem = distributed.check_batch(ctx.spec["train"]["batch_size"], hosts)
+    if problem:
+        raise StageFailed(problem)
+    adapter_dir = ctx.path("adapters")
+    adapter_dir.mkdir(exist_ok=True)
+    try:
+        distributed.check_hosts(hosts)
+        hostfile = distributed.write_hostfile(ctx.work_dir, hosts, backend)
+        distributed.copy_to_hosts(hosts, [ctx.path("data"), base_path(ctx), ctx.path("spec.yaml"), adapter_dir])
+        cmd = distributed.launch_command(ctx.work_dir, ctx.cache_dir, hostfile, backend, len(hosts))
+    except distributed.HostError as e:
+        raise StageFailed(str(e)) from None
+    ctx.log.info("distributed_launch", world_size=len(hosts), hosts=hosts, backend=backend, hostfile="hostfile.json")
+    launch_log = ctx.path("logs", "lora.launch.log")
+    launch_log.parent.mkdir(exist_ok=True)
+    with open(launch_log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        while proc.poll() is None:  # SIGTERM reaches the local ranks too (one process group): they checkpoint
+            time.sleep(0.2)
+    _log_rank_throughput(ctx, len(hosts))
+    if proc.returncode == 0 and (adapter_dir / "done.json").exists():
+        return {"adapters": "adapters"}
+    if ctx.should_stop():
+        raise Interrupted("distributed training stopped; checkpoint saved by rank 0")
+    tail = launch_log.read_text(errors="replace")[-1500:]
+    raise StageFailed(f"distributed training failed (mlx.launch exit {proc.returncode}); see logs/lora.launch.log:\n{tail}")
+
+
+def _log_rank_throughput(ctx: StageContext, world_size: int) -> None:
+    """Mean iterations/s and tokens/s each rank measured (rank 0 from events.jsonl)."""
+    import statistics
+
+    per_rank = {}
+    for rank in range(world_size):
+        path = ctx.path("events.jsonl") if rank == 0 else ctx.path("logs", f"lora.rank{rank}.jsonl")
+        if not path.exists():
+            continue
+        rows = [json.loads(x) for x in path.read_text().splitlines() if '"progress"' in x]
+        rows = [r for r in rows if r.get("stage") == "lora" and r.get("iterations_per_second")][1:]
+        if rows:
+            per_rank[rank] = {"iterations_per_second": round(statistics.fmean(r["iterations_per_second"] for r in rows), 4),
+                              "tokens_per_second": round(statistics.fmean(r["tokens_per_second"] for r in rows) / world_size, 1)}
+    ctx.log.info("rank_throughput", world_size=world_size, ranks=per_rank)
