@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -167,14 +166,18 @@ def _running_job(root: Path) -> tuple[str, dict]:
     return wait_for(running, what="a running stage with progress")
 
 
-def test_sigterm_checkpoints_the_stage_and_the_next_start_resumes(tmp_path, start_daemon, rows_file):
-    root = tmp_path / "root"
+def _start_training(root: Path, start_daemon, rows_file: Path):
+    """A daemon running the checkpointing stand-in stage, a few steps in: (daemon, job folder, stage pid)."""
     d = start_daemon(LORAD_STAGE_HOOKS=HOOKS_SLOW, HOOK_STEPS="60")
     wait_for(lambda: (root / "inbox").is_dir())
     drop(root / "inbox", "train.yaml", spec_text("train", rows_file))
     job_id, _ = _running_job(root)
     job_dir = root / "outbox" / job_id
-    stage_pid = int((job_dir / "stage.pid").read_text())
+    return d, job_dir, int((job_dir / "stage.pid").read_text())
+
+
+def test_sigterm_checkpoints_the_stage_and_the_next_start_resumes(tmp_path, start_daemon, rows_file):
+    d, job_dir, stage_pid = _start_training(tmp_path / "root", start_daemon, rows_file)
     t0 = time.monotonic()
     d.signal(signal.SIGTERM)
     assert d.wait(timeout=30) == 0
@@ -191,13 +194,7 @@ def test_sigterm_checkpoints_the_stage_and_the_next_start_resumes(tmp_path, star
 
 
 def test_sigkill_of_the_daemon_then_restart_resumes_the_job(tmp_path, start_daemon, rows_file):
-    root = tmp_path / "root"
-    d = start_daemon(LORAD_STAGE_HOOKS=HOOKS_SLOW, HOOK_STEPS="60")
-    wait_for(lambda: (root / "inbox").is_dir())
-    drop(root / "inbox", "train.yaml", spec_text("train", rows_file))
-    job_id, _ = _running_job(root)
-    job_dir = root / "outbox" / job_id
-    stage_pid = int((job_dir / "stage.pid").read_text())
+    d, job_dir, stage_pid = _start_training(tmp_path / "root", start_daemon, rows_file)
     d.signal(signal.SIGKILL)
     d.wait()
     # the orphaned stage is told to stop (parent-death signal) and checkpoints

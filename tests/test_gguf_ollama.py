@@ -10,7 +10,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tinymodel
 from fake_ollama import FakeOllama
@@ -188,3 +187,17 @@ def test_host_resolution(monkeypatch):
     monkeypatch.setenv("OLLAMA_HOST", "example.local:1234")
     assert resolve_host(None) == "http://example.local:1234"
     assert resolve_host("https://box:8080/") == "https://box:8080"
+
+
+def test_demo_smollm2_fused_to_q8_0_answers_and_stops_in_llama_cpp(tmp_path):
+    """SmolLM2 (the demo base) → fuse → q8_0 GGUF → llama.cpp's chat completion: an answer, then a stop."""
+    data = write_rows(tmp_path / "rows.jsonl", [ROWS["completions"](i) for i in range(12)])
+    spec = make_spec("demo", f"path:{data}", iters=1, learning_rate=1e-5, num_layers=2)
+    spec["gguf"] = {"outtype": "q8_0"}
+    job = tmp_path / "job"
+    for stage in ("prepare", "convert", "lora", "fuse", "gguf"):
+        run_stage(stage, job, tmp_path / "cache", spec)
+    chat = [e for e in events(job) if e["event"] == "gguf_chat"][0]
+    assert chat["finish_reason"] == "stop" and "Paris" in chat["answer"], chat
+    check = json.loads((job / "gguf_check.json").read_text())
+    assert check["tokenizer_agrees"] and check["top1_agreement"] >= 0.8

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -279,3 +278,13 @@ def test_lora_resumes_after_sigterm_at_the_saved_iteration_with_its_optimizer_st
     iterations = [json.loads(x)["iteration"] for x in (job / "adapters/metrics.jsonl").read_text().splitlines()
                   if "train_loss" in json.loads(x)]
     assert iterations[-1] == 1000 and iterations.count(saved["iteration"] + 1) >= 1
+
+
+def test_prepare_builtin_text_to_sql(tmp_path):
+    spec = make_spec("demo", "builtin:text-to-sql")
+    spec["data"].update(limit=300, test_fraction=0.1)
+    run_stage("prepare", tmp_path / "job", tmp_path / "cache", spec)
+    counts = [e for e in events(tmp_path / "job") if e["event"] == "data_prepared"][0]["counts"]
+    assert counts["test"] == 30 and sum(counts.values()) == 300
+    row = json.loads((tmp_path / "job/data/test.jsonl").read_text().splitlines()[0])
+    assert {"prompt", "completion", "sql_context", "sql", "sql_complexity"} <= set(row)

@@ -211,25 +211,28 @@ def cmd_score(args: argparse.Namespace) -> int:
     return score_main(args.pairs, args.engine, args.rows)
 
 
+def _service_kind(args: argparse.Namespace) -> str:
+    from lorad import service
+
+    return "launchd" if args.launchd else "systemd" if args.systemd else service.default_kind()
+
+
 def cmd_install_agent(args: argparse.Namespace) -> int:
     from lorad import service
 
-    kind = "launchd" if args.launchd else "systemd" if args.systemd else service.default_kind()
-    return service.install(_layout(args), kind, args.dry_run)
+    return service.install(_layout(args), _service_kind(args), args.dry_run)
 
 
 def cmd_uninstall_agent(args: argparse.Namespace) -> int:
     from lorad import service
 
-    kind = "launchd" if args.launchd else "systemd" if args.systemd else service.default_kind()
-    return service.uninstall(kind, args.dry_run)
+    return service.uninstall(_service_kind(args), args.dry_run)
 
 
 def cmd_restart_agent(args: argparse.Namespace) -> int:
     from lorad import service
 
-    kind = "launchd" if args.launchd else "systemd" if args.systemd else service.default_kind()
-    return service.restart(kind)
+    return service.restart(_service_kind(args))
 
 
 def build_parser() -> argparse.ArgumentParser:

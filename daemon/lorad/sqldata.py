@@ -504,7 +504,7 @@ def _tasks() -> list[Task]:
         a, b = rng.sample(d.statuses, 2)
         return ([f"Which {d.one} ids have {d.fact_many} with both {d.status_noun} {a} and {b}?"],
                 f"SELECT {d.id} FROM {d.facts} WHERE {d.status} = '{a}' INTERSECT SELECT {d.id} FROM {d.facts} WHERE {d.status} = '{b}';",
-                f"INTERSECT keeps ids seen with both values.")
+                "INTERSECT keeps ids seen with both values.")
 
     # data manipulation
     @task("basic SQL", (E,), "data manipulation")

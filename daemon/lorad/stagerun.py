@@ -67,7 +67,7 @@ class _ProgressWriter:
 
 def run_stage(job_dir: Path, stage: str, cache_dir: Path) -> int:
     from lorad import accel
-    from lorad.outbox import event_logger, read_status, write_status
+    from lorad.outbox import event_logger, read_status
     from lorad.spec import check_file
     from lorad.stages import Interrupted, Skipped, StageContext, StageFailed
 
@@ -101,9 +101,10 @@ def run_stage(job_dir: Path, stage: str, cache_dir: Path) -> int:
         log.warning("stage_interrupted", message=str(e))
         return EXIT_INTERRUPTED
     except Skipped as e:
-        log.warning("stage_skipped", message=str(e))
-        _update_status(job_dir, lambda s: (s.setdefault("stages", {}).setdefault(stage, {}).update(message=str(e)),
-                                           s.setdefault("artifacts", {}).update(e.artifacts)))
+        message, skipped_artifacts = str(e), e.artifacts
+        log.warning("stage_skipped", message=message)
+        _update_status(job_dir, lambda s: (s.setdefault("stages", {}).setdefault(stage, {}).update(message=message),
+                                           s.setdefault("artifacts", {}).update(skipped_artifacts)))
         return EXIT_SKIPPED
     except StageFailed as e:
         log.error("stage_failed", error_type="StageFailed", message=str(e))

@@ -37,11 +37,9 @@ def sample_prompt(ctx: StageContext, tokenizer: Any) -> str:
 
 
 def llama_cpp_available() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def smoke_chat(gguf_path: Path, question: str, max_tokens: int = 48) -> dict[str, Any]:

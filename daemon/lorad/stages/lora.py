@@ -180,8 +180,6 @@ class Tracker:
         return stop
 
     def on_train_loss_report(self, info: dict[str, Any]) -> None:
-        import mlx.core as mx
-
         it = self.offset + info["iteration"]
         self.state["iteration"] = it
         iters = self.train["iters"]
@@ -204,7 +202,6 @@ class Tracker:
         if self._stop_requested():
             self.save(it)
             raise Interrupted(f"stopped at iteration {it}; checkpoint saved")
-        mx.clear_cache() if hasattr(mx, "clear_cache") else None
 
     def on_val_loss_report(self, info: dict[str, Any]) -> None:
         import mlx.core as mx
