@@ -9,7 +9,7 @@ from typing import Any
 
 from lorad.fsutil import atomic_write_text
 
-MODEL_LABELS = {"base": "base model (MLX)", "finetuned": "fine-tuned (MLX)", "gguf": "fine-tuned GGUF (llama.cpp)"}
+MODEL_LABELS = {"base": "base model", "finetuned": "fine-tuned (MLX)", "gguf": "fine-tuned GGUF (llama.cpp)"}
 
 
 def _pct(x: float | None) -> str:

@@ -109,7 +109,10 @@ def run(ctx: StageContext) -> dict[str, str]:
             os.replace(tmp, base)
             ctx.log.info("base_converted", base=str(base), source=model["source"], key=key,
                          seconds=round(time.time() - t0, 2), **{k: v for k, v in summary.items() if k != "from"})
-    (ctx.path("base_model.json")).write_text(json.dumps({"path": str(base), "source": model["source"]}))
+    record = {"path": str(base), "source": model["source"]}
+    if _is_gguf(local) and not quantize:
+        record["gguf"] = str(local)  # the same weights as llama.cpp runs them (evaluate uses it for the base)
+    ctx.path("base_model.json").write_text(json.dumps(record))
     return {"base_model": "base_model.json"}
 
 

@@ -114,9 +114,14 @@ def run(ctx: StageContext) -> dict[str, str]:
     fused = ctx.path("fused")
     adapters = ctx.path("adapters")
     gguf = ctx.path("model.gguf")
-    runners: dict[str, Callable[[], list[str]]] = {
-        "base": lambda: mlx_answers(base, None, prompts, ctx.should_stop, ctx.log),
-    }
+    base_gguf = json.loads(ctx.path("base_model.json").read_text()).get("gguf")
+    base_runtime = "llama.cpp" if base_gguf and Path(base_gguf).exists() and llama_cpp_available() else "mlx"
+    runners: dict[str, Callable[[], list[str]]] = {}
+    if base_runtime == "llama.cpp":
+        # the base came as a GGUF: answer with it in llama.cpp, as its users run it (and ~3x faster on a CPU)
+        runners["base"] = lambda: gguf_answers(Path(base_gguf), base, prompts, ctx.should_stop)
+    else:
+        runners["base"] = lambda: mlx_answers(base, None, prompts, ctx.should_stop, ctx.log)
     if (fused / "config.json").exists():
         runners["finetuned"] = lambda: mlx_answers(fused, None, prompts, ctx.should_stop, ctx.log)
     elif (adapters / "adapters.safetensors").exists():
@@ -126,7 +131,8 @@ def run(ctx: StageContext) -> dict[str, str]:
             runners["gguf"] = lambda: gguf_answers(gguf, fused if fused.exists() else base, prompts, ctx.should_stop)
         else:
             ctx.log.warning("gguf_eval_skipped", reason="llama-cpp-python is not installed")
-    result: dict[str, Any] = {"engine": engine, "rows": len(rows), "max_new_tokens": MAX_NEW_TOKENS}
+    result: dict[str, Any] = {"engine": engine, "rows": len(rows), "max_new_tokens": MAX_NEW_TOKENS,
+                              "base_runtime": base_runtime}
     per_row = [{"id": r.get("id"), "sql_complexity": r.get("sql_complexity"), "question": r.get("prompt"),
                 "sql": r["sql"]} for r in rows]
     for name, answer in runners.items():
