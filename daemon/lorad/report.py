@@ -56,7 +56,7 @@ def plot_accuracy(result: dict[str, Any], out: Path) -> bool:
     lo = [a - 100 * result[m]["execution_accuracy_ci95"][0] for a, m in zip(acc, models)]
     hi = [100 * result[m]["execution_accuracy_ci95"][1] - a for a, m in zip(acc, models)]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.bar([MODEL_LABELS[m] for m in models], acc, yerr=[lo, hi], capsize=6, color=["#999999", "#2b8cbe", "#7bccc4"][: len(models)])
+    ax.bar([_labels(result)[m] for m in models], acc, yerr=[lo, hi], capsize=6, color=["#999999", "#2b8cbe", "#7bccc4"][: len(models)])
     for i, a in enumerate(acc):
         ax.text(i, a + 1, f"{a:.1f}%", ha="center")
     ax.set_ylabel("execution accuracy (%)")
@@ -68,8 +68,14 @@ def plot_accuracy(result: dict[str, Any], out: Path) -> bool:
     return True
 
 
+def _labels(result: dict[str, Any]) -> dict[str, str]:
+    runtime = "llama.cpp" if result.get("base_runtime") == "llama.cpp" else "MLX"
+    return {**MODEL_LABELS, "base": f"base model ({runtime})"}
+
+
 def write_report(ctx: Any, result: dict[str, Any], per_row: list[dict[str, Any]]) -> dict[str, str]:
     spec = ctx.spec
+    labels = _labels(result)
     status = json.loads(ctx.path("status.json").read_text()) if ctx.path("status.json").exists() else {}
     artifacts = {"report": "report.md"}
     lines = [f"# lorad report: {spec['name']}", ""]
@@ -103,7 +109,7 @@ def write_report(ctx: Any, result: dict[str, Any], per_row: list[dict[str, Any]]
         lines += ["", "![training and validation loss](loss.png)"]
     lines += ["", "## Execution accuracy", "", "| model | execution accuracy | 95 % interval | valid SQL | scored / rows | excluded |",
               "|---|---|---|---|---|---|"]
-    for m, label in MODEL_LABELS.items():
+    for m, label in labels.items():
         if m in result:
             s = result[m]
             ci = s.get("execution_accuracy_ci95") or [None, None]
@@ -117,7 +123,7 @@ def write_report(ctx: Any, result: dict[str, Any], per_row: list[dict[str, Any]]
     complexities = sorted({c for m in MODEL_LABELS if m in result for c in (result[m].get("by_complexity") or {})})
     if complexities:
         present = [m for m in MODEL_LABELS if m in result]
-        lines += ["", "### By SQL complexity", "", "| complexity | " + " | ".join(MODEL_LABELS[m] for m in present) + " |",
+        lines += ["", "### By SQL complexity", "", "| complexity | " + " | ".join(labels[m] for m in present) + " |",
                   "|---|" + "---|" * len(present)]
         for c in complexities:
             cells = []
@@ -130,7 +136,7 @@ def write_report(ctx: Any, result: dict[str, Any], per_row: list[dict[str, Any]]
     wrong = [r for r in per_row if (r.get(key) or {}).get("match") is False][:3]
     for title, examples in (("Right", right), ("Wrong", wrong)):
         if examples:
-            lines += ["", f"## {title} answers ({MODEL_LABELS[key]})", ""]
+            lines += ["", f"## {title} answers ({labels[key]})", ""]
             for r in examples:
                 question = r["question"].split("Question:")[-1].replace("SQL:", "").strip()
                 lines += [f"- **{question}**", f"  - gold: `{r['sql']}`",
