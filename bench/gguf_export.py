@@ -51,34 +51,38 @@ def run(code: str, *args: str) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024  # KiB → MiB
 
 
-def main() -> None:
-    from lorad.outbox import event_logger
-    from lorad.spec import apply_defaults
-    from lorad.stages import StageContext, stage_function
-    from lorad.stages.lora import adapter_config
+PREPARE = """
+import json, sys
+from pathlib import Path
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.utils import load
+from lorad.outbox import event_logger
+from lorad.spec import apply_defaults
+from lorad.stages import StageContext, stage_function
+from lorad.stages.lora import adapter_config, apply_adapters
 
+work, cache = Path(sys.argv[1]) / "job", Path(sys.argv[1]) / "cache"
+spec = apply_defaults({"version": 1, "name": "bench", "model": {"source": "demo"}, "data": {"source": "builtin:text-to-sql"}})
+work.mkdir()
+ctx = StageContext(spec=spec, work_dir=work, cache_dir=cache, log=event_logger(work, job_id="b", stage="convert"))
+stage_function("convert")(ctx)
+# fuse with untrained (zero-effect) adapters: the same fused model a job produces, without training first
+base = Path(json.loads((work / "base_model.json").read_text())["path"])
+model, _ = load(str(base))
+apply_adapters(model, spec["train"])
+(work / "adapters").mkdir()
+mx.save_safetensors(str(work / "adapters" / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+(work / "adapters" / "adapter_config.json").write_text(json.dumps(adapter_config(spec["train"], base)))
+stage_function("fuse")(StageContext(spec=spec, work_dir=work, cache_dir=cache, log=ctx.log))
+"""
+
+
+def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        work, cache = tmp / "job", tmp / "cache"
-        spec = apply_defaults({"version": 1, "name": "bench", "model": {"source": "demo"}, "data": {"source": "builtin:text-to-sql"}})
-        work.mkdir()
-        ctx = StageContext(spec=spec, work_dir=work, cache_dir=cache, log=event_logger(work, job_id="b", stage="convert"))
-        stage_function("convert")(ctx)
-        # fuse with empty (zero) adapters: the same fused model a job produces, without training first
-        base = Path(json.loads((work / "base_model.json").read_text())["path"])
-        import mlx.core as mx
-        from mlx.utils import tree_flatten
-        from mlx_lm.utils import load
-
-        from lorad.stages.lora import apply_adapters
-
-        model, _ = load(str(base))
-        apply_adapters(model, spec["train"])
-        (work / "adapters").mkdir()
-        mx.save_safetensors(str(work / "adapters" / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
-        (work / "adapters" / "adapter_config.json").write_text(json.dumps(adapter_config(spec["train"], base)))
-        stage_function("fuse")(StageContext(spec=spec, work_dir=work, cache_dir=cache, log=ctx.log))
-        fused = work / "fused"
+        run(PREPARE, str(tmp))  # in a child: this process stays small, so its children's peak RSS is their own
+        fused = tmp / "job" / "fused"
         size = sum(p.stat().st_size for p in fused.glob("*.safetensors")) / 2**20
         print(f"fused model: {size:.0f} MiB of safetensors\n")
         rows = [

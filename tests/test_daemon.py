@@ -142,7 +142,7 @@ def test_200_specs_at_once_make_200_entries_in_order(tmp_path, start_daemon, row
     for name in names:  # dropped while the daemon is down: the startup scan must find them all
         drop(inbox, name, spec_text(name[:-5], rows_file))
     d = start_daemon(LORAD_STAGE_HOOKS=HOOKS_SLOW, HOOK_STEPS="100000")
-    wait_for(lambda: len(statuses(root / "outbox")) == 200, timeout=60, what="200 entries")
+    wait_for(lambda: len(statuses(root / "outbox")) == 200, timeout=120, what="200 entries")
     time.sleep(2.5)  # another rescan: still no duplicates
     st = statuses(root / "outbox")
     assert len(st) == 200

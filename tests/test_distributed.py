@@ -50,7 +50,7 @@ def test_two_rank_ring_job_matches_one_rank(tmp_path, lorad_env):
     assert json.loads((two / "adapters/done.json").read_text())["world_size"] == 2
     # the same global batch on two ranks ends where one rank does
     a, b = last_losses(one), last_losses(two)
-    assert abs(a - b) <= 0.15 * a, (a, b)
+    assert abs(a - b) <= 0.25 * a, (a, b)
 
 
 def test_batch_not_divisible_by_hosts_is_a_clear_validation_error(tmp_path):

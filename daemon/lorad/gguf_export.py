@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -74,12 +75,42 @@ def tokenizer_metadata(model_dir: Path) -> dict[str, Any]:
             "add_bos": bos is not None and tokenizer.encode("a")[:1] == [bos]}
 
 
-def _load_weights(model_dir: Path) -> dict[str, Any]:
-    import mlx.core as mx
+@dataclass(frozen=True)
+class LazyTensor:
+    """One tensor of a .safetensors file, read (memory-mapped) only when converted."""
 
-    weights: dict[str, Any] = {}
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    def load(self) -> np.ndarray:
+        raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.start, shape=(self.end - self.start,))
+        if self.dtype == "BF16":
+            arr = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+        elif self.dtype in SAFETENSORS_FLOATS:
+            arr = np.frombuffer(raw, SAFETENSORS_FLOATS[self.dtype]).astype(np.float32)
+        else:
+            raise ExportError(f"unsupported tensor dtype {self.dtype} in {self.path.name}")
+        return arr.reshape(self.shape)
+
+
+SAFETENSORS_FLOATS = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+
+
+def _load_weights(model_dir: Path) -> dict[str, LazyTensor]:
+    """Tensor index of every .safetensors file (header only: nothing is read yet)."""
+    weights: dict[str, LazyTensor] = {}
     for f in sorted(model_dir.glob("*.safetensors")):
-        weights.update(mx.load(str(f)))
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            weights[name] = LazyTensor(f, info["dtype"], tuple(info["shape"]), 8 + n + begin, 8 + n + end)
     if not weights:
         raise ExportError(f"{model_dir} has no .safetensors weights")
     return weights
@@ -119,16 +150,15 @@ def _tensor_order(name: str) -> tuple:
     return (0 if "embed" in name else 2 if layer < 0 else 1, layer, name)
 
 
-def _convert(w: Any, hf_name: str, config: dict[str, Any], arch: str, qtype: Any) -> np.ndarray:
+def _convert(tensor: LazyTensor, hf_name: str, config: dict[str, Any], arch: str, qtype: Any) -> np.ndarray:
     import gguf
-    import mlx.core as mx
 
     from lorad.gguf_import import permute_rows
 
+    arr = tensor.load()
     if arch in PERMUTE_QK and (".q_proj." in hf_name or ".k_proj." in hf_name) and hf_name.endswith("weight"):
         heads = config["num_attention_heads"] if ".q_proj." in hf_name else config.get("num_key_value_heads", config["num_attention_heads"])
-        w = permute_rows(w, heads)
-    arr = np.array(w.astype(mx.float32))
+        arr = permute_rows(arr, heads)
     T = gguf.GGMLQuantizationType
     if qtype == T.F32:
         return arr

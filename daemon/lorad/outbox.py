@@ -99,14 +99,17 @@ def set_stage(status: dict[str, Any], stage: str, state: str, **extra: Any) -> d
     now = now_iso()
     if state == "running":
         record.update(state="running", started_at=now, finished_at=None, seconds=None)
-        record["_t0"] = time.time()
     else:
         record["state"] = state
         record["finished_at"] = now
-        t0 = record.pop("_t0", None)
-        record["seconds"] = round(time.time() - t0, 3) if t0 else record.get("seconds")
+        record["seconds"] = seconds_since(record["started_at"]) if record.get("started_at") else record.get("seconds")
     record.update(extra)
     return status
+
+
+def seconds_since(iso: str) -> float:
+    started = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    return round((datetime.now(timezone.utc) - started).total_seconds(), 3)
 
 
 def _json_logger(stream: Any) -> structlog.typing.FilteringBoundLogger:

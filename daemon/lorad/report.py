@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 from lorad.fsutil import atomic_write_text
+from lorad.outbox import seconds_since
 
 MODEL_LABELS = {"base": "base model", "finetuned": "fine-tuned (MLX)", "gguf": "fine-tuned GGUF (llama.cpp)"}
 
@@ -95,8 +95,8 @@ def write_report(ctx: Any, result: dict[str, Any], per_row: list[dict[str, Any]]
     ]
     for name, rec in (status.get("stages") or {}).items():
         seconds = rec.get("seconds")
-        if seconds is None and rec.get("_t0"):  # this stage: still running while it writes the report
-            seconds = f"{time.time() - rec['_t0']:.1f} (at report time)"
+        if seconds is None and rec.get("started_at"):  # this stage: still running while it writes the report
+            seconds = f"{seconds_since(rec['started_at']):.1f} (at report time)"
         lines.append(f"| {name} | {rec.get('state')} | {seconds} |")
     done = ctx.path("adapters", "done.json")
     if done.exists():
