@@ -288,3 +288,18 @@ def test_prepare_builtin_text_to_sql(tmp_path):
     assert counts["test"] == 30 and sum(counts.values()) == 300
     row = json.loads((tmp_path / "job/data/test.jsonl").read_text().splitlines()[0])
     assert {"prompt", "completion", "sql_context", "sql", "sql_complexity"} <= set(row)
+
+
+def test_hf_model_source_uses_the_local_hub_cache(tmp_path, tiny, monkeypatch):
+    """hf:<repo> resolves through the Hugging Face cache first (as laid out by huggingface_hub), offline."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--lorad--tiny" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny, snapshot)
+    (cache / "models--lorad--tiny" / "refs").mkdir()
+    (cache / "models--lorad--tiny" / "refs" / "main").write_text(snapshot.name)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run_stage("convert", tmp_path / "job", tmp_path / "cache", make_spec("hf:lorad/tiny", "path:x"))
+    assert json.loads((tmp_path / "job/base_model.json").read_text())["path"] == str(snapshot)
+    with pytest.raises(StageFailed, match="path:"):
+        run_stage("convert", tmp_path / "job2", tmp_path / "cache", make_spec("hf:lorad/missing", "path:x"))

@@ -61,12 +61,16 @@ def hf_snapshot(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None  # read now: huggingface_hub reads it once, at import
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached: try the network next
-        pass
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True, cache_dir=cache_dir))
+    except Exception as e:  # noqa: BLE001 - not cached: try the network next, unless told to stay offline
+        if offline:
+            raise ModelNotFound(f"hf:{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+                                f"download it elsewhere and use `model: {{source: 'path:/folder'}}` ({type(e).__name__})") from None
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir))
     except Exception as e:  # noqa: BLE001
         raise ModelNotFound(f"could not get hf:{repo_id} ({type(e).__name__}: {str(e)[:200]}); offline, download it "
                             f"elsewhere and use `model: {{source: 'path:/folder'}}`") from None
