@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import spec_text, statuses, wait_for
 
 from lorad import layout, service
@@ -148,14 +147,13 @@ def test_an_eperm_inbox_logs_one_clear_event(tmp_path, monkeypatch, capsys):
     assert daemon._check_inbox_access() is True
 
 
-@pytest.mark.parametrize("sig", [signal.SIGHUP])
-def test_sighup_does_not_stop_the_daemon(tmp_path, start_daemon, rows_file, sig):
+def test_sighup_does_not_stop_the_daemon(tmp_path, start_daemon, rows_file):
     from test_daemon import drop
 
     root = tmp_path / "root"
     d = start_daemon()
     wait_for(lambda: (root / "inbox").is_dir())
-    d.signal(sig)
+    d.signal(signal.SIGHUP)
     drop(root / "inbox", "a.yaml", spec_text("a", rows_file))
     wait_for(lambda: any(s["state"] == "succeeded" for s in statuses(root / "outbox").values()))
     assert d.proc.poll() is None

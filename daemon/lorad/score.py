@@ -250,7 +250,7 @@ def score_row(row: dict[str, Any], db, timeout: float = TIMEOUT_SECONDS) -> dict
     if NONDETERMINISTIC.search(gold):
         return {**result, "match": None, "reason": "nondeterministic"}
     errors = db.errors()
-    gold_stmt = split_statements(gold)[0] if split_statements(gold) else gold
+    gold_stmt = (split_statements(gold) or [gold])[0]
     is_query = bool(READ_ONLY.match(gold_stmt))
     con = db.connect()
     try:
