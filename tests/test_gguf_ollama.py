@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 import urllib.error
 import urllib.request
@@ -18,6 +19,7 @@ from test_stages import ROWS, events, make_spec, run_stage, write_rows
 from lorad import gguf_export
 from lorad.gguf_export import compare_with_llama_cpp, quantize_with_llama_cpp, write_gguf
 from lorad.stages import Skipped, StageFailed
+from lorad.stages.gguf import SMOKE_QUESTION, smoke_chat
 
 PROMPT = "select name from table where id 42; what is the total max min of price in city"
 
@@ -189,24 +191,53 @@ def test_host_resolution(monkeypatch):
     assert resolve_host("https://box:8080/") == "https://box:8080"
 
 
-def test_demo_smollm2_fused_to_gguf_answers_and_stops_in_llama_cpp(tmp_path):
-    """SmolLM2 (the demo base) → fuse → GGUF → llama.cpp's chat completion: an answer, then a stop.
-
-    f16 (what the demo ships) answers "Paris" and stops. q8_0 loads, agrees on the top token at most
-    positions and answers, but this 135M model (already Q4_1 at the source) is fragile under a second
-    quantization: its answer to this question rambles in French, as the stock Q4_1 file's does.
-    """
+def test_demo_smollm2_fused_to_f16_gguf_answers_and_stops_in_llama_cpp(tmp_path):
+    """SmolLM2 (the demo base), barely trained, fused and exported at f16: a stock question gets its answer."""
     data = write_rows(tmp_path / "rows.jsonl", [ROWS["completions"](i) for i in range(12)])
     spec = make_spec("demo", f"path:{data}", iters=1, learning_rate=1e-5, num_layers=2)
+    spec["gguf"] = {"outtype": "f16"}
     job = tmp_path / "job"
-    for outtype in ("f16", "q8_0"):
-        spec["gguf"] = {"outtype": outtype}
-        for stage in ("prepare", "convert", "lora", "fuse", "gguf"):
-            run_stage(stage, job, tmp_path / "cache", spec)
-        chat = [e for e in events(job) if e["event"] == "gguf_chat"][-1]
-        check = json.loads((job / "gguf_check.json").read_text())
-        assert check["outtype"] == outtype and check["tokenizer_agrees"] and check["top1_agreement"] >= 0.8
-        if outtype == "f16":
-            assert chat["finish_reason"] == "stop" and "Paris" in chat["answer"], chat
-        else:
-            assert chat["answer"].strip(), chat
+    for stage in ("prepare", "convert", "lora", "fuse", "gguf"):
+        run_stage(stage, job, tmp_path / "cache", spec)
+    check = json.loads((job / "gguf_check.json").read_text())
+    assert check["outtype"] == "f16" and check["tokenizer_agrees"] and check["top1_agreement"] >= 0.9, check
+    chat = smoke_chat(job / "model.gguf", SMOKE_QUESTION)
+    assert chat["finish_reason"] == "stop" and "Paris" in chat["answer"], chat
+
+
+DEMO_SQL_SPEC = """\
+version: 1
+name: demo-short
+model: {source: demo}
+data: {source: "builtin:text-to-sql", with_context: true, limit: 200, seed: 0}
+train: {iters: 32, batch_size: 2, learning_rate: 5.0e-4, num_layers: 8, max_seq_length: 256,
+        eval_every: 32, save_every: 32}
+gguf: {outtype: q8_0}
+stages: [prepare, convert, lora, fuse, gguf]
+"""
+
+
+def test_demo_fine_tuned_to_q8_0_gguf_answers_sql_and_stops(tmp_path, start_daemon):
+    """The demo job, shortened and run by the daemon: its q8_0 GGUF answers the held-out question and stops.
+
+    The gguf stage asks llama.cpp's chat completion (the GGUF's own template) the first test question.
+    After 32 steps the answer is one SQL statement ending at the end-of-turn token; at 12 steps this
+    model still ran on to max_tokens, which the stage reports as `gguf_chat_did_not_stop`.
+    """
+    root = tmp_path / "root"
+    (root / "inbox").mkdir(parents=True)
+    (root / "inbox" / ".demo.yaml.tmp").write_text(DEMO_SQL_SPEC)
+    os.replace(root / "inbox" / ".demo.yaml.tmp", root / "inbox" / "demo.yaml")
+    daemon = start_daemon("--once")
+    assert daemon.wait(timeout=600) == 0, daemon.log
+    (job,) = (root / "outbox").iterdir()
+    assert json.loads((job / "status.json").read_text())["state"] == "succeeded", daemon.log
+    log = events(job)
+    check = json.loads((job / "gguf_check.json").read_text())
+    assert check["outtype"] == "q8_0" and check["tokenizer_agrees"] and check["top1_agreement"] >= 0.85, check
+    (chat,) = [e for e in log if e["event"] == "gguf_chat"]
+    assert "CREATE TABLE" in chat["question"]
+    assert chat["finish_reason"] == "stop", chat
+    assert re.match(r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH)\b", chat["answer"], re.I), chat
+    assert chat["answer"].count(";") <= 1 and len(chat["answer"]) < 300, chat
+    assert not [e for e in log if e["event"] == "gguf_chat_did_not_stop"]

@@ -20,16 +20,22 @@ TOLERANCE = {"f32": 0.002, "f16": 0.01, "bf16": 0.05}  # max |Δlogit| / max |lo
 SMOKE_QUESTION = "What is the capital of France?"
 
 
-def sample_prompt(ctx: StageContext, tokenizer: Any) -> str:
-    """A chat-templated prompt from the job's own test data (or a stock question)."""
-    question = SMOKE_QUESTION
+def job_question(ctx: StageContext) -> str:
+    """The first held-out prompt: what the model was tuned to answer (or a stock question)."""
     test = ctx.path("data", "test.jsonl")
     if test.exists():
         for line in test.read_text().splitlines():
             row = json.loads(line)
             if "prompt" in row:
-                question = row["prompt"]
-                break
+                return row["prompt"]
+            user = [m["content"] for m in row.get("messages", []) if m.get("role") == "user"]
+            if user:
+                return user[0]
+    return SMOKE_QUESTION
+
+
+def sample_prompt(question: str, tokenizer: Any) -> str:
+    """The question as the chat template renders it, so MLX and llama.cpp see the same tokens."""
     messages = [{"role": "user", "content": question}]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -42,7 +48,7 @@ def llama_cpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def smoke_chat(gguf_path: Path, question: str, max_tokens: int = 48) -> dict[str, Any]:
+def smoke_chat(gguf_path: Path, question: str, max_tokens: int = 96) -> dict[str, Any]:
     """llama.cpp's own chat completion (it applies the GGUF's chat template)."""
     import llama_cpp
 
@@ -79,7 +85,8 @@ def run(ctx: StageContext) -> dict[str, str]:
                         hint="pip install 'lorad[llama]' to check every export with llama.cpp")
         return {"gguf": "model.gguf"}
     tokenizer = load_tokenizer(fused)
-    prompt = sample_prompt(ctx, tokenizer)
+    question = job_question(ctx)
+    prompt = sample_prompt(question, tokenizer)
     agreement = compare_with_llama_cpp(out, fused, prompt)
     relative = agreement["max_abs_diff"] / max(agreement["logit_scale"], 1e-6)
     agreement["relative_diff"] = round(relative, 5)
@@ -91,7 +98,9 @@ def run(ctx: StageContext) -> dict[str, str]:
     if not agreement["tokenizer_agrees"]:
         ctx.log.warning("gguf_tokenizer_mismatch", pre_tokenizer=summary.get("pre_tokenizer"),
                         hint="llama.cpp splits this prompt into different tokens than the HF tokenizer")
-    question = SMOKE_QUESTION
     chat = smoke_chat(out, question)
     ctx.log.info("gguf_chat", question=question, **chat)
+    if chat["finish_reason"] != "stop":
+        ctx.log.warning("gguf_chat_did_not_stop", hint="the answer ran to max_tokens: check the chat template and "
+                        "end-of-turn tokens, or train longer so the model learns where its answer ends")
     return {"gguf": "model.gguf", "gguf_check": "gguf_check.json"}
