@@ -58,7 +58,8 @@ def test_systemd_unit_has_every_key_and_verifies(tmp_path):
     lay.make_dirs()
     plan = service.systemd_plan(lay, tmp_path / "home")
     text = plan.content
-    for line in ("Restart=on-failure", "KillMode=mixed", "WantedBy=default.target", f"WorkingDirectory={lay.state}"):
+    for line in ("Type=notify", "WatchdogSec=120", "Restart=on-failure", "KillMode=mixed", "WantedBy=default.target",
+                 f"WorkingDirectory={lay.state}"):
         assert line in text.splitlines()
     assert int(next(x for x in text.splitlines() if x.startswith("TimeoutStopSec=")).split("=")[1]) > 25
     assert f'--inbox "{tmp_path / "My Sync" / "inbox"}"' in text
@@ -157,3 +158,49 @@ def test_sighup_does_not_stop_the_daemon(tmp_path, start_daemon, rows_file):
     drop(root / "inbox", "a.yaml", spec_text("a", rows_file))
     wait_for(lambda: any(s["state"] == "succeeded" for s in statuses(root / "outbox").values()))
     assert d.proc.poll() is None
+
+
+def test_systemd_hears_ready_status_watchdog_pings_and_stopping(tmp_path, start_daemon, rows_file):
+    """Type=notify: sd_notify(3) datagrams arrive on $NOTIFY_SOCKET the way systemd receives them."""
+    import json
+    import socket
+    import time
+
+    from test_daemon import drop
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "notify.sock"))
+    listener.settimeout(0.2)
+    heard: list[tuple[float, str]] = []
+
+    def hear_until(predicate, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                heard.append((time.monotonic(), listener.recv(4096).decode()))
+            except socket.timeout:
+                continue
+            if predicate(heard[-1][1]):
+                return heard[-1][1]
+        raise AssertionError(f"not heard within {timeout}s; heard {[m for _, m in heard]}")
+
+    root = tmp_path / "root"
+    d = start_daemon(NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="1000000",
+                     LORAD_STAGE_HOOKS="prepare=stagehooks:slow_train", HOOK_STEPS="100")
+    ready = hear_until(lambda m: "READY=1" in m)
+    assert f"STATUS=watching {root / 'inbox'}" in ready.splitlines()
+    drop(root / "inbox", "a.yaml", spec_text("a", rows_file))
+    hear_until(lambda m: m.startswith("STATUS=running ") and m.endswith(": prepare (0 queued)"))
+    stage_pid = json.loads((root / "state" / "running.json").read_text())["pid"]
+    stage_env = Path(f"/proc/{stage_pid}/environ").read_bytes().split(b"\0")
+    assert not [v for v in stage_env if v.startswith((b"NOTIFY_SOCKET=", b"WATCHDOG_"))]  # only the daemon talks
+    pings_from = time.monotonic()
+    hear_until(lambda m: time.monotonic() - pings_from >= 3.0)
+    pings = [t for t, m in heard if m == "WATCHDOG=1" and t >= pings_from]
+    # every 0.5 s (half of WATCHDOG_USEC) while a stage runs; systemd would restart us after a 1 s gap
+    assert len(pings) >= 4 and max(b - a for a, b in zip(pings, pings[1:])) < 1.0, pings
+    d.signal(signal.SIGTERM)
+    stopping = hear_until(lambda m: "STOPPING=1" in m)
+    assert "STATUS=stopping: prepare is checkpointing" in stopping.splitlines()
+    assert d.wait() == 0
+    listener.close()

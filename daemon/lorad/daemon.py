@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorad import accel, inbox, outbox, watcher
+from lorad import accel, inbox, outbox, sdnotify, watcher
 from lorad.fsutil import atomic_write_json, read_json
 from lorad.layout import Layout
 from lorad.spec import check_bytes
@@ -144,6 +144,9 @@ class Daemon:
         self.exit_code = 0
         self.inbox_error_reported = False
         self.caffeinate: subprocess.Popen | None = None
+        self.watchdog_every = sdnotify.watchdog_interval()
+        self.last_watchdog = 0.0
+        self.service_status = ""
 
     # --- phase 1: boot -------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -357,7 +360,8 @@ class Daemon:
         job_dir = self.layout.job_dir(job_id)
         (job_dir / "logs").mkdir(exist_ok=True)
         log_file = open(job_dir / "logs" / f"{stage}.log", "ab")
-        env = {**os.environ, **accel.blas_env(self.layout.cache), "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
+        env = {**sdnotify.child_env(dict(os.environ)), **accel.blas_env(self.layout.cache),
+               "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
         proc = subprocess.Popen(
             [sys.executable, "-m", "lorad.stagerun", str(job_dir), stage, "--cache", str(self.layout.cache)],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
@@ -479,6 +483,7 @@ class Daemon:
                           outbox=str(self.layout.outbox), once=self.once, polling=self.polling)
             self.recover()
             self._start_watcher()
+            sdnotify.notify("READY=1", f"STATUS=watching {self.layout.inbox}")
             self._loop()
         finally:
             self._hold_awake(False)
@@ -490,6 +495,7 @@ class Daemon:
     def _loop(self) -> None:
         last_scan = 0.0
         while True:
+            self._tell_systemd()
             if self.flags.stop and not self._stopping():
                 return
             if not self.flags.stop:
@@ -511,7 +517,24 @@ class Daemon:
             if self.once and not self.flags.stop and self.current is None and not self.queue and not self.tracker.pending:
                 self.log.info("daemon_drained")
                 return
-            self._wait(0.1 if (self.tracker.pending or self.current or self.flags.stop) else 1.0)
+            idle_wait = 0.1 if (self.tracker.pending or self.current or self.flags.stop) else 1.0
+            self._wait(min(idle_wait, self.watchdog_every or idle_wait))
+
+    def _tell_systemd(self) -> None:
+        """Status line, watchdog ping and STOPPING=1 for a Type=notify unit (no-ops elsewhere)."""
+        if self.flags.stop:
+            status = "STOPPING=1\nSTATUS=stopping" + (f": {self.current.stage} is checkpointing" if self.current else "")
+        elif self.current is not None:
+            status = f"STATUS=running {self.current.job_id}: {self.current.stage} ({len(self.queue) - 1} queued)"
+        else:
+            status = f"STATUS=idle, watching {self.layout.inbox}"
+        if status != self.service_status:
+            self.service_status = status
+            sdnotify.notify(*status.split("\n"))
+        now = time.monotonic()
+        if self.watchdog_every and now - self.last_watchdog >= self.watchdog_every:
+            self.last_watchdog = now
+            sdnotify.notify("WATCHDOG=1")
 
     def _stopping(self) -> bool:
         """Shutdown step; True while a stage is still checkpointing."""
