@@ -209,6 +209,40 @@ def test_every_method_trains_and_fuses(tmp_path, tiny, method, fmt):
     assert "quantization" not in json.loads((job / "fused/config.json").read_text())
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # an untied head and a tied one
+def test_completion_loss_equals_mlx_lm_default_loss_and_its_gradients(tmp_path, arch):
+    """The sparse head is only faster: same loss and same LoRA gradients as mlx-lm's default_loss."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.trainer import default_loss
+
+    from lorad import completion_loss
+    from lorad.stages.lora import apply_adapters, load_datasets, load_for_training
+
+    model_dir = tinymodel.make_tiny_model(tmp_path / arch, arch)
+    rows = [{"prompt": f"select {i} from table " * (1 + i % 4), "completion": f"total {i} max min " * (1 + i % 3)}
+            for i in range(16)]
+    write_rows(tmp_path / "data/train.jsonl", rows)
+    model, tokenizer, _, _ = load_for_training(model_dir, log=None, train_dequantized=True)
+    apply_adapters(model, apply_defaults(make_spec("demo", "x", num_layers=2))["train"])
+    model.train()
+    train_set, _, _ = load_datasets(tmp_path / "data", tokenizer, mask_prompt=True)
+    assert completion_loss.applies(model, mask_prompt=True) and not completion_loss.applies(model, mask_prompt=False)
+    compared, truncated = 0, 0
+    for max_seq in (512, 40):  # 40 cuts some completions short, so they run to the last target
+        for batch, lengths, index, weights in completion_loss.iterate_batches(train_set, 4, max_seq):
+            truncated += sum(n == max_seq for n in lengths[:, 1].tolist())
+            (ref, ref_n), ref_grad = nn.value_and_grad(model, default_loss)(model, batch, lengths)
+            (got, got_n), got_grad = nn.value_and_grad(model, completion_loss.loss)(model, batch, lengths, index, weights)
+            assert got_n.item() == ref_n.item() and index.size % 32 == 0 and weights.sum().item() == ref_n.item()
+            assert abs(got.item() - ref.item()) < 1e-5 * abs(ref.item()), (got.item(), ref.item())
+            for (name, g), (_, r) in zip(tree_flatten(got_grad), tree_flatten(ref_grad)):
+                assert mx.allclose(g, r, rtol=1e-4, atol=1e-6).item(), name
+            compared += 1
+    assert compared == 8 and truncated > 0
+
+
 def test_qlora_base_fuses_dequantized(tmp_path, tiny):
     src = write_rows(tmp_path / "rows.jsonl", [ROWS["completions"](i) for i in range(24)])
     spec = make_spec(f"path:{tiny}", f"path:{src}")

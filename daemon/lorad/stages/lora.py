@@ -20,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from lorad import completion_loss
 from lorad.fsutil import atomic_write_json
 from lorad.stages import Interrupted, StageContext, StageFailed
 from lorad.stages.convert import base_path
@@ -258,7 +259,9 @@ def run(ctx: StageContext) -> dict[str, str]:
     total = sum(v.size for _, v in _flat(model.parameters()))
     train_set, valid_set, _ = load_datasets(ctx.path("data"), tokenizer, spec_train["mask_prompt"])
     lengths = sorted(len(train_set[i][0]) for i in range(min(len(train_set), 2000)))
+    sparse_head = completion_loss.applies(model, spec_train["mask_prompt"])
     ctx.log.info("training_setup", method=spec_train["method"], qlora=qlora, trainable_params=trainable, world_size=world_size,
+                 loss="completion positions only" if sparse_head else "mlx-lm default",
                  total_params=total, train_rows=len(train_set), valid_rows=len(valid_set) if valid_set else 0,
                  tokens_median=lengths[len(lengths) // 2], tokens_max=lengths[-1],
                  truncated_rows=sum(n > spec_train["max_seq_length"] for n in lengths))
@@ -290,8 +293,9 @@ def run(ctx: StageContext) -> dict[str, str]:
         if valid_set is not None and len(valid_set) < args.batch_size:
             valid_set = None
         try:
+            loss_fns = {"loss": completion_loss.loss, "iterate_batches": completion_loss.iterate_batches} if sparse_head else {}
             train(model=model, optimizer=optimizer, train_dataset=train_set, val_dataset=valid_set,
-                  args=args, training_callback=tracker)
+                  args=args, training_callback=tracker, **loss_fns)
         except EarlyStop as e:
             stopped_early = True
             ctx.log.info("early_stopping", iteration=int(str(e.args[0])), best_iteration=state["best_iteration"],
