@@ -57,8 +57,8 @@ def plot_accuracy(result: dict[str, Any], out: Path) -> bool:
     hi = [100 * result[m]["execution_accuracy_ci95"][1] - a for a, m in zip(acc, models)]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.bar([_labels(result)[m] for m in models], acc, yerr=[lo, hi], capsize=6, color=["#999999", "#2b8cbe", "#7bccc4"][: len(models)])
-    for i, a in enumerate(acc):
-        ax.text(i, a + 1, f"{a:.1f}%", ha="center")
+    for i, (a, up) in enumerate(zip(acc, hi)):
+        ax.text(i, a + up + 1.5, f"{a:.1f}%", ha="center")  # above the error bar, not on it
     ax.set_ylabel("execution accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"Text-to-SQL execution accuracy, {result['rows']} held-out rows ({result['engine']})")
