@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from lorad.score import engine as score_engine
 from lorad.score import extract_sql, has_top_level_order_by, score_rows, wilson
 
 CTX = ("CREATE TABLE sales (id INT, region TEXT, amount REAL); "
@@ -70,6 +71,27 @@ class TestRules:
         assert r["match"] is False
         r = one("DROP TABLE sales", "SELECT id FROM sales", engine=engine)
         assert r["match"] is False and r["reason"] == "pred_not_a_query"
+
+    def test_model_written_sql_cannot_create_or_read_files(self, engine, tmp_path):
+        attempts = [f"ATTACH DATABASE '{tmp_path}/a.db' AS a", f"VACUUM INTO '{tmp_path}/v.db'"] if engine == "sqlite" else [
+            f"ATTACH '{tmp_path}/a.db' AS a", f"COPY sales TO '{tmp_path}/c.csv'", "SELECT * FROM read_csv('/etc/hostname')"]
+        db = score_engine(engine)
+        for sql in attempts:
+            con = db.connect()
+            db.run_script(con, CTX)
+            with pytest.raises(db.errors()):
+                db.execute(con, sql, timeout=5)
+            db.close(con)
+        assert all(one(sql, "SELECT id FROM sales", engine=engine)["match"] is False for sql in attempts)
+        assert list(tmp_path.iterdir()) == []
+
+    def test_each_row_starts_from_an_empty_database(self, engine):
+        rows = [{"sql_context": CTX + " CREATE TABLE leftover (x INT);", "sql": "DELETE FROM sales",
+                 "prediction": "DELETE FROM sales"},
+                {"sql_context": CTX, "sql": "SELECT COUNT(*) FROM sales", "prediction": "SELECT COUNT(*) FROM leftover"},
+                {"sql_context": CTX, "sql": "SELECT COUNT(*) FROM sales", "prediction": "SELECT 4"}]
+        _, out = score_rows(rows, engine)
+        assert [r["reason"] for r in out] == ["match", "pred_error", "match"]
 
     def test_runaway_recursive_cte_times_out(self, engine):
         runaway = "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT COUNT(*) FROM r"
