@@ -88,6 +88,11 @@ def test_evaluate_on_a_tiny_model_writes_a_complete_eval_json(tmp_path, shipped)
     assert len(per_row) == 6 and all("prediction" in r["gguf"] and "match" in r["finetuned"] for r in per_row)
     report = (job / "report.md").read_text()
     assert "## Execution accuracy" in report and "fine-tuned GGUF (llama.cpp)" in report
+    check = json.loads((job / "gguf_check.json").read_text())
+    assert f"- `f16`: the same next token as MLX at {100 * check['top1_agreement']:.1f} %" in report
+    chat = [e for e in events(job) if e["event"] == "gguf_chat"][-1]
+    verdict = "stopped at the end of its turn" if chat["finish_reason"] == "stop" else "did NOT stop"
+    assert f"- chat completion (the GGUF's own template) on the first held-out question {verdict}" in report
     assert (job / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     # a resumed evaluate reuses the answers it already has
     run_stage("evaluate", job, tmp_path / "cache", spec)

@@ -73,6 +73,37 @@ def _labels(result: dict[str, Any]) -> dict[str, str]:
     return {**MODEL_LABELS, "base": f"base model ({runtime})"}
 
 
+def gguf_section(ctx: Any) -> list[str]:
+    """What the gguf stage proved: llama.cpp's agreement with MLX and its own chat answer."""
+    check = ctx.path("gguf_check.json")
+    if not check.exists():
+        return []
+    c = json.loads(check.read_text())
+    lines = ["", "## The GGUF in llama.cpp", "",
+             f"- `{c['outtype']}`: the same next token as MLX at {100 * c['top1_agreement']:.1f} % of {c['tokens']} positions; "
+             f"max |Δlogit| {c['max_abs_diff']:.3g} ({100 * c.get('relative_diff', 0):.2f} % of the logit scale); "
+             f"tokenizer {'agrees' if c['tokenizer_agrees'] else 'DISAGREES'} with the Hugging Face one"]
+    chats = [e for e in read_events(ctx.path("events.jsonl")) if e.get("event") == "gguf_chat"]
+    if chats:
+        chat = chats[-1]
+        stopped = "stopped at the end of its turn" if chat["finish_reason"] == "stop" else "did NOT stop: it ran to the token limit"
+        lines.append(f"- chat completion (the GGUF's own template) on the first held-out question {stopped}: "
+                     f"`{' '.join(chat['answer'].split())[:300]}`")
+    return lines
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a crash
+    return events
+
+
 def write_report(ctx: Any, result: dict[str, Any], per_row: list[dict[str, Any]]) -> dict[str, str]:
     spec = ctx.spec
     labels = _labels(result)
@@ -120,6 +151,7 @@ def write_report(ctx: Any, result: dict[str, Any], per_row: list[dict[str, Any]]
     if plot_accuracy(result, ctx.path("accuracy.png")):
         artifacts["accuracy_plot"] = "accuracy.png"
         lines += ["", "![execution accuracy](accuracy.png)"]
+    lines += gguf_section(ctx)
     complexities = sorted({c for m in MODEL_LABELS if m in result for c in (result[m].get("by_complexity") or {})})
     if complexities:
         present = [m for m in MODEL_LABELS if m in result]
