@@ -146,7 +146,7 @@ class Daemon:
         self.caffeinate: subprocess.Popen | None = None
         self.watchdog_every = sdnotify.watchdog_interval()
         self.last_watchdog = 0.0
-        self.service_status = ""
+        self.service_status: tuple[str, ...] = ()
 
     # --- phase 1: boot -------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -523,14 +523,14 @@ class Daemon:
     def _tell_systemd(self) -> None:
         """Status line, watchdog ping and STOPPING=1 for a Type=notify unit (no-ops elsewhere)."""
         if self.flags.stop:
-            status = "STOPPING=1\nSTATUS=stopping" + (f": {self.current.stage} is checkpointing" if self.current else "")
+            fields = ("STOPPING=1", "STATUS=stopping" + (f": {self.current.stage} is checkpointing" if self.current else ""))
         elif self.current is not None:
-            status = f"STATUS=running {self.current.job_id}: {self.current.stage} ({len(self.queue) - 1} queued)"
+            fields = (f"STATUS=running {self.current.job_id}: {self.current.stage} ({len(self.queue) - 1} queued)",)
         else:
-            status = f"STATUS=idle, watching {self.layout.inbox}"
-        if status != self.service_status:
-            self.service_status = status
-            sdnotify.notify(*status.split("\n"))
+            fields = (f"STATUS=idle, watching {self.layout.inbox}",)
+        if fields != self.service_status:
+            self.service_status = fields
+            sdnotify.notify(*fields)
         now = time.monotonic()
         if self.watchdog_every and now - self.last_watchdog >= self.watchdog_every:
             self.last_watchdog = now

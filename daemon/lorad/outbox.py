@@ -7,6 +7,7 @@ a stage runs, the daemon (or a CLI command when no daemon runs) otherwise.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -110,6 +111,19 @@ def set_stage(status: dict[str, Any], stage: str, state: str, **extra: Any) -> d
 def seconds_since(iso: str) -> float:
     started = datetime.fromisoformat(iso.replace("Z", "+00:00"))
     return round((datetime.now(timezone.utc) - started).total_seconds(), 3)
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """The events of a job log (events.jsonl or a rank's log); a line cut short by a crash is skipped."""
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events
 
 
 def _json_logger(stream: Any) -> structlog.typing.FilteringBoundLogger:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SQL_SYSTEM = "You are a SQLite expert. Answer with one SQL query and nothing else."
+from typing import Any
 
 
 def schema_of(context: str) -> str:
@@ -14,6 +14,14 @@ def schema_of(context: str) -> str:
 
     creates = [s for s in split_statements(context) if s.lstrip().upper().startswith("CREATE")]
     return ";\n".join(creates) + ";" if creates else context.strip()
+
+
+def chat_prompt(tokenizer: Any, content: str) -> str:
+    """One user turn as the model's chat template renders it: the text training, evaluation and checks all feed."""
+    messages = [{"role": "user", "content": content}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return content
 
 
 def gretel_prompt(question: str, context: str, with_context: bool = True) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lorad.fsutil import atomic_write_text
-from lorad.outbox import seconds_since
+from lorad.outbox import read_events, seconds_since
 
 MODEL_LABELS = {"base": "base model", "finetuned": "fine-tuned (MLX)", "gguf": "fine-tuned GGUF (llama.cpp)"}
 
@@ -90,18 +90,6 @@ def gguf_section(ctx: Any) -> list[str]:
         lines.append(f"- chat completion (the GGUF's own template) on the first held-out question {stopped}: "
                      f"`{' '.join(chat['answer'].split())[:300]}`")
     return lines
-
-
-def read_events(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    events = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short by a crash
-    return events
 
 
 def write_report(ctx: Any, result: dict[str, Any], per_row: list[dict[str, Any]]) -> dict[str, str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lorad.fsutil import atomic_write_json, atomic_write_text
-from lorad.prompts import gretel_prompt
+from lorad.prompts import chat_prompt, gretel_prompt
 from lorad.score import score_rows
 from lorad.stages import Interrupted, StageContext, StageFailed
 from lorad.stages.convert import base_path
@@ -50,13 +50,6 @@ def eval_rows(ctx: StageContext) -> list[dict[str, Any]]:
     return rows[:limit]
 
 
-def _prompt_text(tokenizer: Any, prompt: str) -> str:
-    messages = [{"role": "user", "content": prompt}]
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return prompt
-
-
 def mlx_answers(model_dir: Path, adapter_dir: Path | None, prompts: list[str], should_stop: Callable[[], bool],
                 log: Any) -> list[str]:
     from mlx_lm.generate import batch_generate
@@ -69,7 +62,7 @@ def mlx_answers(model_dir: Path, adapter_dir: Path | None, prompts: list[str], s
 
         model = load_adapters(model, str(adapter_dir))
     model.eval()
-    texts = [_prompt_text(tokenizer, p) for p in prompts]
+    texts = [chat_prompt(tokenizer, p) for p in prompts]
     answers: list[str] = []
     for i in range(0, len(texts), BATCH):
         if should_stop():
@@ -89,7 +82,7 @@ def gguf_answers(gguf: Path, tokenizer_dir: Path, prompts: list[str], should_sto
     for prompt in prompts:
         if should_stop():
             raise Interrupted("stopped during evaluation")
-        out = llm.create_completion(_prompt_text(tokenizer, prompt), max_tokens=MAX_NEW_TOKENS, temperature=0.0,
+        out = llm.create_completion(chat_prompt(tokenizer, prompt), max_tokens=MAX_NEW_TOKENS, temperature=0.0,
                                     top_k=1, repeat_penalty=1.0)
         answers.append(out["choices"][0]["text"])
     return answers

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lorad.gguf_export import LLAMA_CPP_TYPES, ExportError, compare_with_llama_cpp, quantize_with_llama_cpp, write_gguf
+from lorad.prompts import chat_prompt
 from lorad.stages import StageContext, StageFailed
 
 TOLERANCE = {"f32": 0.002, "f16": 0.01, "bf16": 0.05}  # max |Δlogit| / max |logit| for unquantized exports
@@ -24,22 +25,15 @@ def job_question(ctx: StageContext) -> str:
     """The first held-out prompt: what the model was tuned to answer (or a stock question)."""
     test = ctx.path("data", "test.jsonl")
     if test.exists():
-        for line in test.read_text().splitlines():
-            row = json.loads(line)
-            if "prompt" in row:
-                return row["prompt"]
-            user = [m["content"] for m in row.get("messages", []) if m.get("role") == "user"]
-            if user:
-                return user[0]
+        with open(test, encoding="utf-8") as rows:
+            for line in rows:
+                row = json.loads(line)
+                if "prompt" in row:
+                    return row["prompt"]
+                user = [m["content"] for m in row.get("messages", []) if m.get("role") == "user"]
+                if user:
+                    return user[0]
     return SMOKE_QUESTION
-
-
-def sample_prompt(question: str, tokenizer: Any) -> str:
-    """The question as the chat template renders it, so MLX and llama.cpp see the same tokens."""
-    messages = [{"role": "user", "content": question}]
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return question
 
 
 def llama_cpp_available() -> bool:
@@ -86,7 +80,7 @@ def run(ctx: StageContext) -> dict[str, str]:
         return {"gguf": "model.gguf"}
     tokenizer = load_tokenizer(fused)
     question = job_question(ctx)
-    prompt = sample_prompt(question, tokenizer)
+    prompt = chat_prompt(tokenizer, question)  # MLX and llama.cpp see the same tokens
     agreement = compare_with_llama_cpp(out, fused, prompt)
     relative = agreement["max_abs_diff"] / max(agreement["logit_scale"], 1e-6)
     agreement["relative_diff"] = round(relative, 5)

@@ -22,6 +22,7 @@ from typing import Any
 
 from lorad import completion_loss
 from lorad.fsutil import atomic_write_json
+from lorad.outbox import read_events
 from lorad.stages import Interrupted, StageContext, StageFailed
 from lorad.stages.convert import base_path
 
@@ -361,10 +362,8 @@ def _log_rank_throughput(ctx: StageContext, world_size: int) -> None:
     per_rank = {}
     for rank in range(world_size):
         path = ctx.path("events.jsonl") if rank == 0 else ctx.path("logs", f"lora.rank{rank}.jsonl")
-        if not path.exists():
-            continue
-        rows = [json.loads(x) for x in path.read_text().splitlines() if '"progress"' in x]
-        rows = [r for r in rows if r.get("stage") == "lora" and r.get("iterations_per_second")][1:]
+        rows = [e for e in read_events(path) if e.get("event") == "progress" and e.get("stage") == "lora"
+                and e.get("iterations_per_second")][1:]
         if rows:
             per_rank[rank] = {"iterations_per_second": round(statistics.fmean(r["iterations_per_second"] for r in rows), 4),
                               "tokens_per_second": round(statistics.fmean(r["tokens_per_second"] for r in rows) / world_size, 1)}
