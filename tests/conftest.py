@@ -6,8 +6,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -89,7 +89,7 @@ def start_daemon(tmp_path: Path, lorad_env: dict[str, str]):
     def start(*args: str, root: Path | None = None, env: dict[str, str] | None = None, **env_extra: str) -> DaemonProc:
         e = dict(env or lorad_env)
         e.update(env_extra)
-        d = DaemonProc(root or tmp_path / "root", ["--settle", "1.0", "--rescan-interval", "2", *args], e)
+        d = DaemonProc(root or tmp_path / "root", ["--settle", "1.0", "--rescan-interval", "2", "--retry-backoff", "0.5", *args], e)
         procs.append(d)
         return d
 

@@ -38,3 +38,15 @@ def abort(ctx: StageContext) -> dict[str, str]:
 
 def raise_error(ctx: StageContext) -> dict[str, str]:
     raise ValueError("the stage hit a bug")
+
+
+def die_of_signal(ctx: StageContext) -> dict[str, str]:
+    """Dies of HOOK_SIGNAL sent to itself (SIGILL: a build for another CPU; SIGKILL: the OOM killer)."""
+    import signal
+
+    sig = int(os.environ.get("HOOK_SIGNAL", str(int(signal.SIGKILL))))
+    if sig not in (signal.SIGKILL, signal.SIGSTOP):  # those two cannot be caught, nor reset
+        signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+    time.sleep(10)
+    return {}

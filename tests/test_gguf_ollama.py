@@ -12,14 +12,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 import tinymodel
 from fake_ollama import FakeOllama
-from test_stages import ROWS, events, make_spec, run_stage, write_rows
-
 from lorad import gguf_export
 from lorad.gguf_export import compare_with_llama_cpp, quantize_with_llama_cpp, write_gguf
 from lorad.stages import Skipped, StageFailed
 from lorad.stages.gguf import SMOKE_QUESTION, smoke_chat
+from test_stages import ROWS, events, make_spec, run_stage, write_rows
 
 PROMPT = "select name from table where id 42; what is the total max min of price in city"
 

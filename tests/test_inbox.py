@@ -8,8 +8,7 @@ import sys
 import unicodedata
 
 from conftest import spec_text
-
-from lorad.inbox import InboxTracker, classify, claim
+from lorad.inbox import InboxTracker, claim, classify
 from lorad.outbox import JOB_ID_RE, new_job_id
 
 
@@ -58,7 +57,7 @@ def test_submit_prints_the_job_id_it_gets_and_status_shows_it(tmp_path, rows_fil
     assert json.loads(st.stdout)["state"] == "succeeded" and json.loads(st.stdout)["job_id"] == job_id
     table = subprocess.run([sys.executable, "-m", "lorad", "status", "--root", str(root)],
                            capture_output=True, text=True, env=lorad_env, timeout=60).stdout
-    assert table.splitlines()[0].split() == ["JOB", "NAME", "STATE", "STAGE", "PROGRESS", "UPDATED"]
+    assert table.splitlines()[0].split() == ["JOB", "STATE", "STAGE", "DETAIL"]
     assert job_id in table and "succeeded" in table
 
 

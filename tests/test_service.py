@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 from conftest import spec_text, statuses, wait_for
-
 from lorad import layout, service
 
 
@@ -95,6 +94,10 @@ def test_install_and_uninstall_call_the_right_commands(tmp_path, lorad_env):
     assert lorad("install-agent", "--systemd", "--root", str(root), env=env).returncode == 0
     unit = tmp_path / "home/.config/systemd/user/lorad.service"
     assert unit.exists()
+    # the service's root is remembered: later commands need no --root (LORAD_ROOT still wins)
+    (root / "outbox" / "j1").mkdir(parents=True)
+    (root / "outbox" / "j1" / "status.json").write_text('{"job_id": "j1", "state": "queued"}')
+    assert "j1" in lorad("status", env={k: v for k, v in env.items() if k != "LORAD_ROOT"}).stdout
     assert lorad("uninstall-agent", "--systemd", env=env).returncode == 0
     assert not unit.exists()
     assert (bindir / "systemctl.calls").read_text().splitlines() == [
@@ -102,8 +105,17 @@ def test_install_and_uninstall_call_the_right_commands(tmp_path, lorad_env):
         "--user disable --now lorad.service", "--user daemon-reload"]
 
     dry = lorad("install-agent", "--launchd", "--dry-run", "--root", str(root / "x"), env=env)
-    assert "<key>ProcessType</key>" in dry.stdout and "launchctl bootstrap" in dry.stdout
+    assert plistlib.loads(dry.stdout.encode())["Label"] == "dev.lorad.daemon"  # stdout is the file alone
+    assert "launchctl bootstrap" in dry.stderr and "launchctl" not in dry.stdout
     assert not (root / "x").exists()
+    dry = lorad("install-agent", "--systemd", "--dry-run", "--root", str(root / "x"), env=env)
+    assert "[Unit]" in dry.stdout.splitlines() and "systemctl --user enable --now lorad.service" in dry.stderr
+    if shutil.which("systemd-analyze"):
+        (root / "x").mkdir(parents=True)
+        unit = tmp_path / "lorad.service"
+        unit.write_text(dry.stdout)  # `--dry-run > lorad.service` verifies as it is
+        verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+        assert verify.returncode == 0, verify.stderr
 
 
 def test_caffeinate_is_held_while_a_job_runs_and_released_after(tmp_path, start_daemon, rows_file, lorad_env):
@@ -178,7 +190,7 @@ def test_systemd_hears_ready_status_watchdog_pings_and_stopping(tmp_path, start_
         while time.monotonic() < deadline:
             try:
                 heard.append((time.monotonic(), listener.recv(4096).decode()))
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if predicate(heard[-1][1]):
                 return heard[-1][1]

@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 import tinymodel
 from conftest import wait_for
-
 from lorad.outbox import event_logger
 from lorad.spec import apply_defaults
 from lorad.stages import StageContext, StageFailed, stage_function

@@ -6,11 +6,11 @@ import json
 from collections import Counter
 
 import pytest
-import tinymodel
-from test_stages import events, make_spec, run_stage
 
+import tinymodel
 from lorad.prompts import schema_of
 from lorad.sqldata import COMPLEXITY_DESCRIPTIONS, DOMAINS, builtin_rows, generate, gold_ok
+from test_stages import events, make_spec, run_stage
 
 GRETEL_COLUMNS = ["id", "domain", "domain_description", "sql_complexity", "sql_complexity_description", "sql_task_type",
                   "sql_task_type_description", "sql_prompt", "sql_context", "sql", "sql_explanation"]

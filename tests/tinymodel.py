@@ -16,8 +16,7 @@ LLAMA3 = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
-WORDS = ("select from where group by order count sum avg table name id value price city year total max min "
-         "what is the how many list show all of in and or not null join on as distinct having limit").split()
+WORDS = ["select", "from", "where", "group", "by", "order", "count", "sum", "avg", "table", "name", "id", "value", "price", "city", "year", "total", "max", "min", "what", "is", "the", "how", "many", "list", "show", "all", "of", "in", "and", "or", "not", "null", "join", "on", "as", "distinct", "having", "limit"]
 
 
 def corpus(n: int = 400, seed: int = 0) -> list[str]:

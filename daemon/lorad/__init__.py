@@ -1,3 +1,8 @@
-"""lorad: drop a YAML job spec into a folder, get back a fine-tuned model."""
+"""lorad: drop a YAML job spec into a folder; get back a fine-tuned model you can `ollama run`."""
 
-__version__ = "0.1.0"
+from importlib import metadata
+
+try:
+    __version__ = metadata.version("lorad")
+except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+    __version__ = "0+unknown"

@@ -78,6 +78,23 @@ def load_openblas() -> str | None:
     return str(lib)
 
 
+def openblas_core() -> str | None:
+    """The kernel OpenBLAS picked for this CPU at run time (DYNAMIC_ARCH), e.g. 'SkylakeX' or 'Zen'.
+
+    OpenBLAS honours OPENBLAS_CORETYPE when the user sets it; lorad never sets it.
+    """
+    lib = openblas_path()
+    if lib is None or not sys.platform.startswith("linux"):
+        return None
+    try:
+        handle = ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+        handle.openblas_get_corename.restype = ctypes.c_char_p
+        name = handle.openblas_get_corename()
+    except (OSError, AttributeError):
+        return None
+    return name.decode() if name else None
+
+
 def prepare_backend(stage: str) -> dict[str, str] | None:
     """Pick the fastest BLAS before MLX loads; say which backend the stage will use."""
     if stage not in MLX_STAGES:

@@ -23,7 +23,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lorad.daemon import run
 
     return run(_layout(args), once=args.once, polling=args.force_polling, settle=args.settle,
-               rescan_interval=args.rescan_interval)
+               rescan_interval=args.rescan_interval, retry_backoff=args.retry_backoff)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -34,6 +34,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         result = check_file(Path(name))
         for problem in result.problems:
             print(problem.format(name))
+        if result.ok:
+            print(f"{name}: OK")
         bad += not result.ok
     return 1 if bad else 0
 
@@ -49,6 +51,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(problem.format(args.file), file=sys.stderr)
         print(f"lorad: {args.file} was not submitted", file=sys.stderr)
         return 1
+    assert result.spec is not None  # ok means a spec with defaults
     hosts = (result.spec["train"].get("distributed") or {}).get("hosts")
     if hosts:
         from lorad.distributed import HostError, check_hosts
@@ -98,10 +101,23 @@ def _bar(fraction: float, width: int = 20) -> str:
     return "[" + "#" * filled + "-" * (width - filled) + f"] {fraction * 100:3.0f}%"
 
 
+def _detail(status: dict[str, Any], bar: bool = False) -> str:
+    """What a user wants to know next: the progress of a running stage, or why a job did not succeed."""
+    if status.get("state") in ("failed", "rejected", "cancelled", "superseded", "duplicate"):
+        error = status.get("error") or {}
+        first = (error.get("errors") or [{}])[0]
+        where = f"line {first['line']}: " if first.get("line") else ""
+        return (f"{where}{first.get('path', '')}: {first['message']}" if first.get("message") and first.get("path")
+                else error.get("message") or status["state"])
+    return _progress_text(status, bar)
+
+
 def _progress_text(status: dict[str, Any], bar: bool = False) -> str:
     p = status.get("progress") or {}
     if status.get("state") != "running" or not p.get("iters"):
         return ""
+    if p.get("stage") and p.get("stage") != status.get("stage"):
+        return ""  # an earlier stage's numbers; the running stage has reported none yet
     text = f"{p.get('iteration', 0)}/{p['iters']}"
     if bar:
         text = _bar(p.get("iteration", 0) / p["iters"]) + " " + text
@@ -114,14 +130,29 @@ def _progress_text(status: dict[str, Any], bar: bool = False) -> str:
     return text
 
 
-def _table(rows: list[dict[str, Any]], bar: bool = False) -> str:
-    header = ("JOB", "NAME", "STATE", "STAGE", "PROGRESS", "UPDATED")
+def _table(rows: list[dict[str, Any]], bar: bool = False, width: int | None = None) -> str:
+    """One line per job; DETAIL is progress or the reason it failed. Lines are cut to `width` columns."""
+    header = ("JOB", "STATE", "STAGE", "DETAIL")
     lines = [header]
     for s in rows:
-        lines.append((s.get("job_id", ""), s.get("name") or "-", s.get("state", ""), s.get("stage") or "-",
-                      _progress_text(s, bar) or "-", (s.get("updated_at") or "")[:19]))
-    widths = [max(len(str(r[i])) for r in lines) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in lines)
+        lines.append((s.get("job_id", ""), s.get("state", ""), s.get("stage") or "-", _detail(s, bar) or "-"))
+    widths = [max(len(str(r[i])) for r in lines) for i in range(len(header) - 1)]
+    out = []
+    for r in lines:
+        text = ("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) + "  " + str(r[-1])).rstrip()
+        if width and len(text) > width:
+            text = text[: width - 1] + "…"
+        out.append(text)
+    return "\n".join(out)
+
+
+RECENT_FINISHED = 5  # finished jobs `status --watch` shows below the active ones
+
+
+def _watch_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    active = [r for r in rows if r.get("state") not in outbox.FINAL_STATES]
+    finished = [r for r in rows if r.get("state") in outbox.FINAL_STATES]
+    return active + finished[-RECENT_FINISHED:]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -132,7 +163,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             job_id = find_job(lay, args.job)
             if job_id is None:
                 return None
-            return [outbox.read_status(lay.job_dir(job_id))]
+            return [outbox.read_status(lay.job_dir(job_id)) or {"job_id": job_id, "state": "unknown"}]
         return _all_status(lay)
 
     rows = collect()
@@ -148,8 +179,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         while True:
             rows = collect() or []
+            if not args.job and not args.all:
+                rows = _watch_rows(rows)
             sys.stdout.write("\x1b[2J\x1b[H" if sys.stdout.isatty() else "")
-            print(_table(rows, bar=True), flush=True)
+            print(_table(rows, bar=True, width=shutil.get_terminal_size((80, 24)).columns), flush=True)
             if args.job and rows and rows[0].get("state") in outbox.FINAL_STATES:
                 return 0
             time.sleep(args.interval)
@@ -157,38 +190,51 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
 
 
-def cmd_cancel(args: argparse.Namespace) -> int:
-    from lorad.daemon import daemon_running, finish_cancelled
+def _job_request(args: argparse.Namespace, verb: str) -> int:
+    """cancel / retry: a request file for a running daemon, else a transition under the root's lock."""
+    from lorad import daemon, jobstore
 
     lay = _layout(args)
     job_id = find_job(lay, args.job)
     if job_id is None:
         print(f"lorad: no job {args.job!r} in {lay.outbox}", file=sys.stderr)
         return 1
-    status = outbox.read_status(lay.job_dir(job_id)) or {}
-    if status.get("state") in outbox.FINAL_STATES:
-        print(f"{job_id}: already {status['state']}")
+    if daemon.daemon_running(lay):
+        lay.requests.mkdir(parents=True, exist_ok=True)
+        (lay.requests / f"{job_id}.{verb}").touch()
+        print(f"{job_id}: {verb} requested")
         return 0
-    if daemon_running(lay):
-        lay.cancel_requests.mkdir(parents=True, exist_ok=True)
-        (lay.cancel_requests / job_id).touch()
-        print(f"{job_id}: cancel requested")
-        return 0
-    finish_cancelled(lay, job_id)
-    claimed = lay.claimed / f"{job_id}.yaml"
-    if claimed.exists():
-        lay.done.mkdir(parents=True, exist_ok=True)
-        os.replace(claimed, lay.done / claimed.name)
-    print(f"{job_id}: cancelled")
+    try:
+        with daemon.exclusive(lay) as store:
+            job = store.get(job_id)
+            if job is None:
+                print(f"lorad: {job_id} is not in {lay.store}", file=sys.stderr)
+                return 1
+            message = daemon.cancel_job(store, job) if verb == "cancel" else daemon.retry_job(store, job)
+            job = store.get(job_id)
+            if job is not None:
+                outbox.write_status(lay.job_dir(job_id), jobstore.status_view(job))
+    except daemon.AlreadyRunning:
+        print("lorad: a daemon started meanwhile; try again", file=sys.stderr)
+        return 1
+    print(message)
     return 0
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    return _job_request(args, "cancel")
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    return _job_request(args, "retry")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from lorad import resources
     from lorad.daemon import run
-    from lorad.spec import repo_root
 
     lay = _layout(args)
-    spec = repo_root() / "jobspecs" / "demo.yaml"
+    spec = resources.path(resources.DEMO_SPEC)
     submit_args = argparse.Namespace(file=str(spec), root=str(lay.root), inbox=None, outbox=None)
     if cmd_submit(submit_args) != 0:
         return 1
@@ -235,8 +281,23 @@ def cmd_restart_agent(args: argparse.Namespace) -> int:
     return service.restart(_service_kind(args))
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from lorad import doctor
+
+    return doctor.main(_layout(args), as_json=args.json, ollama_host=args.ollama_host)
+
+
+def cmd_install_llama(args: argparse.Namespace) -> int:
+    from lorad import native
+
+    return native.install_llama()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from lorad import __version__
+
     parser = argparse.ArgumentParser(prog="lorad", description="Fine-tune language models from job specs dropped into a folder.")
+    parser.add_argument("--version", action="version", version=f"lorad {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_root(p: argparse.ArgumentParser, folders: bool = False) -> None:
@@ -251,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-polling", action="store_true", help="poll the inbox (network shares)")
     p.add_argument("--settle", type=float, default=2.0, help="seconds a file must stay unchanged before it is claimed")
     p.add_argument("--rescan-interval", type=float, default=30.0, help="seconds between full inbox scans")
+    p.add_argument("--retry-backoff", type=float, default=30.0,
+                   help="seconds before the first retry of a stage lost to a crash or a kill (doubled each time)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check job specs")
@@ -266,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", nargs="?")
     with_root(p, folders=True)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--watch", action="store_true")
+    p.add_argument("--watch", action="store_true", help="refresh every second (active and recent jobs)")
+    p.add_argument("--all", action="store_true", help="with --watch: every job, not only active and recent ones")
     p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_status)
 
@@ -274,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job")
     with_root(p, folders=True)
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("retry", help="queue a failed or cancelled job again; it resumes from its last good stage")
+    p.add_argument("job")
+    with_root(p, folders=True)
+    p.set_defaults(func=cmd_retry)
 
     p = sub.add_parser("score", help="score text-to-SQL predictions by executing them")
     p.add_argument("pairs", help="JSONL rows with sql_context, sql (gold) and prediction")
@@ -293,6 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "install-agent":
             with_root(p, folders=True)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("doctor", help="check that this machine is ready for the next job")
+    with_root(p, folders=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--ollama-host", help="Ollama server to check (default: $OLLAMA_HOST, else 127.0.0.1:11434)")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("install-llama", help="build and install llama.cpp (llama-cpp-python) with portable CPU flags")
+    p.set_defaults(func=cmd_install_llama)
 
     p = sub.add_parser("demo", help="run jobspecs/demo.yaml end to end")
     with_root(p)

@@ -13,7 +13,8 @@ mlx-lm's compiled step sees few distinct shapes.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ def scored_positions(batch_shape: tuple[int, int], lengths: np.ndarray) -> tuple
     """Flat indices into (rows × targets) of the scored targets, and their 0/1 weights."""
     rows, width = batch_shape
     targets = width - 1
-    index = []
+    index: list[int] = []
     for row, (offset, length) in enumerate(lengths.tolist()):
         first, last = max(offset - 1, 0), min(length, targets)  # default_loss: offset <= t + 1 <= length
         index.extend(range(row * targets + first, row * targets + last))

@@ -169,7 +169,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
             bits_seen[bits] = bits_seen.get(bits, 0) + 1
     quantization = None
     if bits_seen:
-        common = max(bits_seen, key=bits_seen.get)
+        common = max(bits_seen, key=lambda b: bits_seen[b])
         quantization = {"group_size": 32, "bits": common}
     has_output = "output.weight" in weights
     config = hf_config(meta, has_output, quantization)

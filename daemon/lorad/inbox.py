@@ -114,11 +114,11 @@ class InboxTracker:
         out = []
         now = time.monotonic()
         for name in list(self.candidates):
-            cand = self.candidates[name]
-            before = cand.key
-            cand = self._observe(name)
-            if cand is None:
+            before = self.candidates[name].key
+            seen = self._observe(name)
+            if seen is None:
                 continue
+            cand = seen
             if cand.key != before:
                 continue
             cand.checks += 1
@@ -153,10 +153,14 @@ def claim(src: Path, dest: Path) -> bool:
         if e.errno != errno.EXDEV:
             raise
         tmp = dest.with_name(f".{dest.name}.tmp")
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout)
-            fout.flush()
-            fsync_file(fout.fileno())
+        try:
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+                fout.flush()
+                fsync_file(fout.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk: the source stays in the inbox, nothing half-written stays here
+            raise
         os.replace(tmp, dest)
         try:
             os.unlink(src)

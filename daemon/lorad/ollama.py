@@ -15,8 +15,9 @@ import shutil
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 
@@ -68,7 +69,7 @@ def default_system(render: Any, family: str | None) -> str | None:
 
 
 def stop_tokens(family: str | None, eos_tokens: list[str]) -> list[str]:
-    stops = list(STOPS.get(family, []))
+    stops = list(STOPS.get(family or "", []))
     for tok in eos_tokens:
         if tok and tok not in stops:
             stops.append(tok)

@@ -1,8 +1,9 @@
 """One outbox entry per submitted file: job ids, status.json, events.jsonl.
 
-status.json is the public record of a job. It is rewritten atomically, so it is
-always valid JSON. At any moment one process owns it: the stage process while
-a stage runs, the daemon (or a CLI command when no daemon runs) otherwise.
+status.json is the public view of a job: a projection of the daemon's job store
+(jobstore.py), rewritten atomically by the daemon (or by a CLI command holding
+the root's lock), so it is always valid JSON and never read back as the truth.
+events.jsonl is appended to by the daemon and the stage process alike.
 """
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 
-from lorad.fsutil import atomic_write_bytes, atomic_write_json, read_json
+from lorad.fsutil import atomic_write_json, read_json
+from lorad.jobstore import FINAL
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled", "rejected")
-FINAL_STATES = ("succeeded", "failed", "cancelled", "rejected")
+FINAL_STATES = tuple(sorted(s.value for s in FINAL))
 JOB_ID_RE = re.compile(r"^\d{8}-\d{6}-\d{6}-[a-z0-9][a-z0-9._-]{0,47}$")
 
 _id_lock = threading.Lock()
@@ -55,57 +57,15 @@ def status_path(job_dir: Path) -> Path:
 
 
 def read_status(job_dir: Path) -> dict[str, Any] | None:
-    return read_json(status_path(job_dir))
+    """The public view, for display only (the job store is the truth)."""
+    status = read_json(status_path(job_dir))
+    return status if isinstance(status, dict) else None
 
 
-def write_status(job_dir: Path, status: dict[str, Any]) -> dict[str, Any]:
-    status["updated_at"] = now_iso()
+def write_status(job_dir: Path, status: dict[str, Any]) -> None:
+    """Project a job's view (jobstore.status_view) into its outbox folder: every byte, fsync, rename."""
+    Path(job_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_json(status_path(job_dir), status)
-    return status
-
-
-def update_status(job_dir: Path, **changes: Any) -> dict[str, Any]:
-    status = read_status(job_dir) or {}
-    status.update(changes)
-    return write_status(job_dir, status)
-
-
-def new_status(job_id: str, name: str | None, source: str, state: str) -> dict[str, Any]:
-    created = now_iso()
-    return {
-        "job_id": job_id,
-        "name": name,
-        "source": source,
-        "state": state,
-        "stage": None,
-        "stages": {},
-        "progress": {},
-        "error": None,
-        "artifacts": {},
-        "created_at": created,
-        "updated_at": created,
-    }
-
-
-def create_entry(job_dir: Path, spec_bytes: bytes, status: dict[str, Any]) -> None:
-    """spec.yaml first, status.json last: a status file means the entry is complete."""
-    job_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(job_dir / "spec.yaml", spec_bytes)
-    write_status(job_dir, status)
-
-
-def set_stage(status: dict[str, Any], stage: str, state: str, **extra: Any) -> dict[str, Any]:
-    """Record a stage transition (running/succeeded/failed/skipped/interrupted) in status."""
-    record = status.setdefault("stages", {}).setdefault(stage, {})
-    now = now_iso()
-    if state == "running":
-        record.update(state="running", started_at=now, finished_at=None, seconds=None)
-    else:
-        record["state"] = state
-        record["finished_at"] = now
-        record["seconds"] = seconds_since(record["started_at"]) if record.get("started_at") else record.get("seconds")
-    record.update(extra)
-    return status
 
 
 def seconds_since(iso: str) -> float:
@@ -145,10 +105,35 @@ def event_logger(job_dir: Path, name: str = "events.jsonl", **context: Any) -> s
     Each event is one write() on an O_APPEND file, so the daemon and a stage
     process can log to the same file without interleaving.
     """
-    path = Path(job_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a", buffering=1 << 16)
-    return _json_logger(fh).bind(**context)
+    return _json_logger(_AppendOnly(Path(job_dir) / name)).bind(**context)
+
+
+class _AppendOnly:
+    """An O_APPEND log file that never raises: a full disk or a deleted outbox loses a log line, not the daemon."""
+
+    def __init__(self, path: Path):
+        self.fh: Any = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(path, "a", buffering=1 << 16)
+        except OSError:
+            pass
+
+    def write(self, text: str) -> None:
+        if self.fh is None:
+            return
+        try:
+            self.fh.write(text)
+        except (OSError, ValueError):
+            pass
+
+    def flush(self) -> None:
+        if self.fh is None:
+            return
+        try:
+            self.fh.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def daemon_logger() -> structlog.typing.FilteringBoundLogger:

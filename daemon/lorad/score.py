@@ -18,8 +18,9 @@ import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 TIMEOUT_SECONDS = 5.0
 MAX_ROWS = 10_000

@@ -1,6 +1,6 @@
 """Installing lorad as a background service: a launchd user agent (macOS) or a systemd user unit (Linux).
 
-The unit files are templates in launchd/; this module fills them with absolute
+The unit files are templates shipped in lorad/resources (linked from launchd/); this module fills them with absolute
 paths, writes them, and drives launchctl/systemctl (launchctl 2.0 verbs:
 bootstrap, bootout, kickstart). --dry-run prints the file and the commands.
 """
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from lorad.layout import Layout
-from lorad.spec import repo_root
+from lorad import resources
+from lorad.layout import Layout, installed_root_file
 
 LABEL = "dev.lorad.daemon"
 UNIT = "lorad.service"
@@ -62,10 +62,10 @@ def launchd_plan(layout: Layout, home: Path, uid: int) -> Plan:
     values = _values(layout)
     extra_xml = "".join(f"\n    <string>{escape(a)}</string>" for a in _extra_args(layout))
     logs = home / "Library" / "Logs" / "lorad"
-    template = (repo_root() / "launchd" / f"{LABEL}.plist").read_text()
+    template = resources.read_text(resources.LAUNCHD_PLIST)
     content = _fill(template, {**values, "label": LABEL, "logs": str(logs), "extra_args": extra_xml}, xml=True)
     plistlib.loads(content.encode())  # a template edit that breaks the plist fails here, not in launchd
-    path = home / "Library" / "LaunchAgents" / f"{LABEL}.plist"
+    path = unit_path("launchd", home)
     domain = f"gui/{uid}"
     return Plan(path, content, [
         ["launchctl", "bootout", f"{domain}/{LABEL}"],
@@ -77,11 +77,11 @@ def launchd_plan(layout: Layout, home: Path, uid: int) -> Plan:
 
 
 def systemd_plan(layout: Layout, home: Path) -> Plan:
-    template = (repo_root() / "launchd" / UNIT).read_text()
+    template = resources.read_text(resources.SYSTEMD_UNIT)
     values = {k: _systemd_quote(v) if k in ("python", "root") else v for k, v in _values(layout).items()}
     extra = "".join(f" {_systemd_quote(a)}" for a in _extra_args(layout))
     content = _fill(template, {**values, "extra_args": extra}, xml=False)
-    path = home / ".config" / "systemd" / "user" / UNIT
+    path = unit_path("systemd", home)
     user = os.environ.get("USER") or "$USER"
     return Plan(path, content, [
         ["systemctl", "--user", "daemon-reload"],
@@ -98,6 +98,27 @@ def _run(cmd: list[str], allow_fail: bool = False) -> int:
     return out.returncode
 
 
+def unit_path(kind: str, home: Path) -> Path:
+    if kind == "launchd":
+        return home / "Library" / "LaunchAgents" / f"{LABEL}.plist"
+    return home / ".config" / "systemd" / "user" / UNIT
+
+
+def is_active(kind: str) -> bool | None:
+    """Whether the installed service runs now; None when the service manager cannot be asked."""
+    cmd = (["launchctl", "print", f"gui/{os.getuid()}/{LABEL}"] if kind == "launchd"
+           else ["systemctl", "--user", "is-active", "--quiet", UNIT])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if kind == "launchd":
+        return out.returncode == 0 and "state = running" in out.stdout
+    if out.returncode == 0:
+        return True
+    return False if out.returncode in (3, 4) else None  # 3 inactive, 4 no such unit; else no user bus
+
+
 def default_kind() -> str:
     return "launchd" if sys.platform == "darwin" else "systemd"
 
@@ -105,14 +126,12 @@ def default_kind() -> str:
 def install(layout: Layout, kind: str, dry_run: bool, echo=print) -> int:
     home = Path.home()
     plan = launchd_plan(layout, home, os.getuid()) if kind == "launchd" else systemd_plan(layout, home)
-    if dry_run:
-        echo(f"# {plan.path}")
-        echo(plan.content)
-        echo("# then:")
-        for cmd in plan.commands:
-            echo(" ".join(cmd))
-        for note in plan.notes:
-            echo(f"# {note}")
+    if dry_run:  # the file alone on stdout (`--dry-run > file` lints clean), the steps on stderr
+        sys.stdout.write(plan.content)
+        sys.stdout.flush()
+        steps = [f"# write the above to {plan.path}, then:", *(" ".join(cmd) for cmd in plan.commands),
+                 *(f"# {note}" for note in plan.notes)]
+        print("\n".join(steps), file=sys.stderr)
         return 0
     layout.make_dirs()
     if kind == "launchd":
@@ -120,6 +139,9 @@ def install(layout: Layout, kind: str, dry_run: bool, echo=print) -> int:
     plan.path.parent.mkdir(parents=True, exist_ok=True)
     plan.path.write_text(plan.content)
     plan.path.chmod(0o644)
+    root_file = installed_root_file()
+    root_file.parent.mkdir(parents=True, exist_ok=True)
+    root_file.write_text(f"{layout.root}\n")
     if kind == "launchd":
         _run(plan.commands[0], allow_fail=True)  # not loaded yet is fine
         if _run(plan.commands[1], allow_fail=True) != 0:  # bootstrap right after bootout can fail with EIO once
@@ -136,11 +158,10 @@ def install(layout: Layout, kind: str, dry_run: bool, echo=print) -> int:
 
 def uninstall(kind: str, dry_run: bool, echo=print) -> int:
     home = Path.home()
+    path = unit_path(kind, home)
     if kind == "launchd":
-        path = home / "Library" / "LaunchAgents" / f"{LABEL}.plist"
         commands = [["launchctl", "bootout", f"gui/{os.getuid()}/{LABEL}"]]
     else:
-        path = home / ".config" / "systemd" / "user" / UNIT
         commands = [["systemctl", "--user", "disable", "--now", UNIT], ["systemctl", "--user", "daemon-reload"]]
     if dry_run:
         for cmd in commands[:1]:
@@ -151,6 +172,7 @@ def uninstall(kind: str, dry_run: bool, echo=print) -> int:
         return 0
     _run(commands[0], allow_fail=True)
     path.unlink(missing_ok=True)
+    installed_root_file().unlink(missing_ok=True)
     for cmd in commands[1:]:
         _run(cmd, allow_fail=True)
     echo(f"removed {path}")

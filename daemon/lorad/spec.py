@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,21 +18,21 @@ from typing import Any
 import yaml
 from jsonschema import Draft202012Validator
 
+from lorad import resources
+
 MAX_SPEC_BYTES = 1 << 20
 MAX_NODES = 10_000  # bounds alias expansion ("billion laughs")
+MAX_DEPTH = 32  # a job spec nests 4 deep; deeper is an attack on the recursive parser
 STAGE_ORDER = ["prepare", "convert", "lora", "fuse", "gguf", "ollama", "evaluate"]
+FLOAT_KEYS = {"learning_rate", "scale", "dropout", "valid_fraction", "test_fraction", "weight_decay", "warmup_ratio"}
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 SAFE_TAGS = {
     "tag:yaml.org,2002:" + t
     for t in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp")
 }
 
 
-def repo_root() -> Path:
-    """The checkout lorad runs from (schemas/ and jobspecs/ live there)."""
-    return Path(__file__).resolve().parents[2]
-
-
-SCHEMA_PATH = repo_root() / "schemas" / "jobspec.schema.json"
+SCHEMA_PATH = resources.path(resources.SCHEMA)
 
 
 @dataclass
@@ -97,8 +99,34 @@ def _decode(data: bytes) -> str:
         raise SpecError(Problem("$", f"not UTF-8 text (byte 0x{data[e.start]:02x})", line, col)) from None
 
 
+def _nesting_depth(text: str) -> tuple[int, int]:
+    """Deepest run of flow brackets, and the line it reaches, without parsing (PyYAML recurses per level)."""
+    depth = deepest = 0
+    line = where = 1
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest, where = depth, line
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+        elif ch == "\n":
+            line += 1
+    return deepest, where
+
+
 def _compose(text: str) -> yaml.Node:
-    loader = yaml.SafeLoader(text)
+    depth, deepest_line = _nesting_depth(text)
+    if depth > MAX_DEPTH:
+        raise SpecError(Problem("$", f"nested {depth} levels deep; a job spec nests at most {MAX_DEPTH}", deepest_line, 1))
+    try:
+        loader = yaml.SafeLoader(text)  # the reader checks every character here (NUL, other control codes)
+    except yaml.reader.ReaderError as e:
+        before = text[: e.position]
+        at_line, at_col = before.count("\n") + 1, e.position - (before.rfind("\n") + 1) + 1
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        raise SpecError(Problem("$", f"character U+{code:04X} is not allowed in a YAML file (a binary file?)",
+                                at_line, at_col)) from None
     try:
         node = loader.get_single_node()
     except yaml.composer.ComposerError as e:
@@ -108,8 +136,10 @@ def _compose(text: str) -> yaml.Node:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line, col = _pos(mark)
-        problem = getattr(e, "problem", None) or str(e)
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e)
         raise SpecError(Problem("$", f"YAML syntax error: {problem}", line, col)) from None
+    except RecursionError:
+        raise SpecError(Problem("$", "nested too deeply for a job spec")) from None
     finally:
         loader.dispose()
     if node is None:
@@ -132,6 +162,10 @@ class _Builder:
 
     def build(self, node: yaml.Node, parts: list[Any]) -> Any:
         self.nodes += 1
+        if len(parts) > MAX_DEPTH:  # also stops an alias that refers to itself (x: &a [*a])
+            line, col = _pos(node.start_mark)
+            raise SpecError(Problem(_json_path(parts[:4]) + "…", f"nested more than {MAX_DEPTH} levels deep "
+                                    "(a YAML alias that contains itself?)", line, col))
         if self.nodes > MAX_NODES:
             line, col = _pos(node.start_mark)
             raise SpecError(Problem(_json_path(parts), f"document expands to more than {MAX_NODES} nodes (YAML alias bomb?)", line, col))
@@ -157,6 +191,11 @@ class _Builder:
         if isinstance(node, yaml.SequenceNode):
             return [self.build(child, parts + [i]) for i, child in enumerate(node.value)]
         value = self._constructor.construct_object(node, deep=True)
+        if isinstance(value, float) and not math.isfinite(value):
+            line, col = _pos(node.start_mark)
+            raise SpecError(Problem(path, f"{node.value!r} is not a finite number", line, col))
+        if isinstance(value, str) and parts and parts[-1] in FLOAT_KEYS and _FLOAT_RE.match(value):
+            value = float(value)  # YAML 1.1 reads 5e-4 as a string; mlx-lm's config loader accepts it as a number
         if hasattr(value, "isoformat"):  # dates become strings: JSON has no dates
             value = value.isoformat()
         return value

@@ -8,7 +8,7 @@ UPDATE and DELETE, each with several phrasings. Every gold query is executed
 in SQLite against its own context at generation: a SELECT is kept only if it
 runs and returns rows, a DML statement only if it changes rows.
 
-    python -m lorad.sqldata --rows 6000 --seed 0 --out daemon/lorad/data/text_to_sql.jsonl.gz
+    python -m lorad.sqldata --rows 6000 --seed 0 --out daemon/lorad/resources/text_to_sql.jsonl.gz
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ import gzip
 import json
 import random
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-DATA_FILE = Path(__file__).parent / "data" / "text_to_sql.jsonl.gz"
+from lorad import resources
+
+DATA_FILE = resources.path(resources.TEXT_TO_SQL)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,10 @@ what it can and raises Interrupted.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 PIPELINE = ["prepare", "convert", "lora", "fuse", "gguf", "ollama", "evaluate"]
 

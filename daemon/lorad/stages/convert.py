@@ -100,13 +100,14 @@ def run(ctx: StageContext) -> dict[str, str]:
             t0 = time.time()
             try:
                 summary = build_base(local, tmp, quantize, ctx.log)
+                (tmp / "lorad-source.json").write_text(json.dumps({"source": model["source"], "local": str(local),
+                                                                   "quantize": quantize, **summary}, default=str))
+                base.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, base)
             except ValueError as e:
-                shutil.rmtree(tmp, ignore_errors=True)
                 raise StageFailed(str(e)) from None
-            (tmp / "lorad-source.json").write_text(json.dumps({"source": model["source"], "local": str(local),
-                                                               "quantize": quantize, **summary}, default=str))
-            base.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, base)
+            finally:  # a half-written base (disk full, killed) never stays behind
+                shutil.rmtree(tmp, ignore_errors=True)
             ctx.log.info("base_converted", base=str(base), source=model["source"], key=key,
                          seconds=round(time.time() - t0, 2), **{k: v for k, v in summary.items() if k != "from"})
     record = {"path": str(base), "source": model["source"]}

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lorad.fsutil import atomic_write_json, atomic_write_text
 from lorad.prompts import chat_prompt, gretel_prompt
@@ -128,7 +129,8 @@ def run(ctx: StageContext) -> dict[str, str]:
                               "base_runtime": base_runtime}
     per_row = [{"id": r.get("id"), "sql_complexity": r.get("sql_complexity"), "question": r.get("prompt"),
                 "sql": r["sql"]} for r in rows]
-    for name, answer in runners.items():
+    for done, (name, answer) in enumerate(runners.items()):
+        ctx.report_progress({"iteration": done, "iters": len(runners), "model": name})
         cache = out_dir / f"{name}.jsonl"
         answers = _cached(cache, len(rows))
         seconds = None
@@ -144,7 +146,7 @@ def run(ctx: StageContext) -> dict[str, str]:
             row[name] = {"prediction": s["prediction"], "pred_sql": s["pred_sql"], "match": s["match"], "reason": s["reason"]}
         ctx.log.info("evaluated", model=name, execution_accuracy=summary["execution_accuracy"],
                      ci95=summary["execution_accuracy_ci95"], scored=summary["scored"], seconds=seconds)
-        ctx.report_progress({"evaluated": name})
+        ctx.report_progress({"iteration": done + 1, "iters": len(runners), "model": name})
     for a, b in (("finetuned", "base"), ("gguf", "finetuned")):
         if a in result and b in result and result[a]["execution_accuracy"] is not None and result[b]["execution_accuracy"] is not None:
             result.setdefault("deltas", {})[f"{a}_minus_{b}"] = round(result[a]["execution_accuracy"] - result[b]["execution_accuracy"], 4)

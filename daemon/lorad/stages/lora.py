@@ -13,6 +13,7 @@ adapter_config.json, NNNNNNN_adapters.safetensors), plus adapters/checkpoint/
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -27,6 +28,7 @@ from lorad.stages import Interrupted, StageContext, StageFailed
 from lorad.stages.convert import base_path
 
 CHECKPOINT = "checkpoint"
+KEEP_SNAPSHOTS = 3  # NNNNNNN_adapters.safetensors files kept (an iters: 10**6, save_every: 1 job must not fill the disk)
 
 
 class EarlyStop(Exception):
@@ -99,7 +101,12 @@ def adapter_config(train: dict[str, Any], base: Path) -> dict[str, Any]:
     }
 
 
-def load_datasets(data_dir: Path, tokenizer: Any, mask_prompt: bool):
+def load_datasets(data_dir: Path, tokenizer: Any, mask_prompt: bool, max_seq_length: int | None = None, log: Any = None):
+    """mlx-lm's datasets, without the rows whose completion `max_seq_length` cuts away entirely.
+
+    Such a row has no token to score: a batch of them divides a zero loss by zero tokens (NaN), and
+    one NaN poisons every weight after it.
+    """
     from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
 
     cfg = SimpleNamespace(mask_prompt=mask_prompt)
@@ -109,7 +116,49 @@ def load_datasets(data_dir: Path, tokenizer: Any, mask_prompt: bool):
         raise StageFailed(f"cannot read {data_dir}: {e}") from None
     if not train:
         raise StageFailed(f"{data_dir}/train.jsonl is empty or missing: run the prepare stage")
-    return CacheDataset(train), (CacheDataset(valid) if valid else None), test
+    sets = []
+    for split, data in (("train", train), ("valid", valid)):
+        cached = CacheDataset(data) if data else None
+        if cached is not None and max_seq_length:
+            cached, dropped = _scored_rows(cached, max_seq_length)
+            if dropped and log is not None:
+                log.warning("rows_without_completion_dropped", split=split, dropped=dropped, kept=len(cached),
+                            max_seq_length=max_seq_length,
+                            hint="their prompt fills train.max_seq_length; raise it to train on them")
+            if split == "train" and not len(cached):
+                raise StageFailed(f"train.max_seq_length is {max_seq_length} tokens, and every training row's prompt "
+                                  f"is at least that long: no completion token is left to learn from. Raise "
+                                  "train.max_seq_length (see the tokens_max of training_setup in events.jsonl).")
+        sets.append(cached if cached is None or len(cached) else None)
+    return sets[0], sets[1], test
+
+
+def _scored_rows(dataset: Any, max_seq_length: int) -> tuple[Any, int]:
+    """The rows with at least one completion token inside the first max_seq_length tokens."""
+    from mlx_lm.tuner.datasets import CacheDataset
+
+    class Subset(CacheDataset):
+        def __init__(self, parent: Any, keep: list[int]):
+            self._parent, self._keep = parent, keep
+
+        def itemlen(self, idx: int) -> int:
+            return self._parent.itemlen(self._keep[idx])
+
+        def __getitem__(self, idx: int) -> Any:
+            return self._parent[self._keep[idx]]
+
+        def __len__(self) -> int:
+            return len(self._keep)
+
+    keep = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        tokens, offset = item if isinstance(item, tuple) else (item, 0)
+        if offset < min(len(tokens), max_seq_length):
+            keep.append(i)
+    if len(keep) == len(dataset):
+        return dataset, 0
+    return Subset(dataset, keep), len(dataset) - len(keep)
 
 
 def optimizer_fingerprint(optimizer: Any) -> dict[str, float]:
@@ -183,6 +232,12 @@ class Tracker:
 
     def on_train_loss_report(self, info: dict[str, Any]) -> None:
         it = self.offset + info["iteration"]
+        if not math.isfinite(float(info["train_loss"])):
+            raise StageFailed(
+                f"the training loss became {float(info['train_loss'])} at iteration {it}; the weights after it are "
+                f"garbage, so training stopped (the last good checkpoint is kept). Likely causes: learning_rate "
+                f"{self.train['learning_rate']} is too high for this model, or rows with nothing to score "
+                f"(see rows_without_completion_dropped in events.jsonl)")
         self.state["iteration"] = it
         iters = self.train["iters"]
         done_here = info["iteration"]
@@ -210,8 +265,15 @@ class Tracker:
 
         it = self.offset + info["iteration"]
         val = float(info["val_loss"])
+        if not math.isfinite(val):
+            raise StageFailed(f"the validation loss became {val} at iteration {it}; training stopped")
         self.state["last_val"] = round(val, 5)
         self._record({"iteration": it, "val_loss": round(val, 5)})
+        if self.offset and info["iteration"] == 1:
+            # mlx-lm validates at the first step of every train() call: after a resume that is the
+            # checkpoint's own weights again, not a new evaluation, so it does not count toward patience
+            self.ctx.log.info("val_loss", iteration=it, val_loss=round(val, 5), resumed=True)
+            return
         best = self.state.get("best_val")
         min_delta = self.train["early_stopping"].get("min_delta", 0.0)
         if best is None or val < best - min_delta:
@@ -233,6 +295,8 @@ class Tracker:
             return
         save_checkpoint(self.adapter_dir, self.model, self.optimizer, dict(self.state, iteration=it))
         mx.save_safetensors(str(self.adapter_dir / f"{it:07d}_adapters.safetensors"), dict(_flat(self.model.trainable_parameters())))
+        for old in sorted(self.adapter_dir.glob("[0-9]" * 7 + "_adapters.safetensors"))[:-KEEP_SNAPSHOTS]:
+            old.unlink(missing_ok=True)
         self.ctx.log.info("checkpoint_saved", iteration=it, **optimizer_fingerprint(self.optimizer))
 
 
@@ -258,7 +322,8 @@ def run(ctx: StageContext) -> dict[str, str]:
     apply_adapters(model, spec_train)
     trainable = sum(v.size for _, v in _flat(model.trainable_parameters()))
     total = sum(v.size for _, v in _flat(model.parameters()))
-    train_set, valid_set, _ = load_datasets(ctx.path("data"), tokenizer, spec_train["mask_prompt"])
+    train_set, valid_set, _ = load_datasets(ctx.path("data"), tokenizer, spec_train["mask_prompt"],
+                                            spec_train["max_seq_length"], ctx.log)
     lengths = sorted(len(train_set[i][0]) for i in range(min(len(train_set), 2000)))
     sparse_head = completion_loss.applies(model, spec_train["mask_prompt"])
     ctx.log.info("training_setup", method=spec_train["method"], qlora=qlora, trainable_params=trainable, world_size=world_size,

@@ -6,6 +6,8 @@ else the `ollama` CLI, else skip with the command to run by hand.
 
 from __future__ import annotations
 
+from typing import Any
+
 from lorad import ollama
 from lorad.fsutil import atomic_write_text
 from lorad.stages import Skipped, StageContext, StageFailed
@@ -22,7 +24,7 @@ def run(ctx: StageContext) -> dict[str, str]:
     tokenizer = load_tokenizer(ctx.path("fused"))
     chat_template = getattr(tokenizer, "chat_template", None)
     family = ollama.chat_family(chat_template)
-    template = ollama.TEMPLATES.get(family)
+    template = ollama.TEMPLATES.get(family or "")
     system = spec.get("system")
     if system is None and family:
         system = ollama.default_system(
@@ -37,6 +39,7 @@ def run(ctx: StageContext) -> dict[str, str]:
     artifacts = {"modelfile": "Modelfile"}
     host = ollama.resolve_host(spec.get("host"))
     manual = f"cd {ctx.work_dir} && ollama create {name} -f Modelfile && ollama run {name}"
+    result: dict[str, Any] | None
     try:
         version = ollama.server_version(host)
         if version is not None:

@@ -12,8 +12,9 @@ import hashlib
 import json
 import random
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from lorad.fsutil import atomic_write_text
 from lorad.prompts import gretel_prompt
