@@ -86,10 +86,14 @@ def lorad_env() -> dict[str, str]:
 def start_daemon(tmp_path: Path, lorad_env: dict[str, str]):
     procs: list[DaemonProc] = []
 
-    def start(*args: str, root: Path | None = None, env: dict[str, str] | None = None, **env_extra: str) -> DaemonProc:
+    def start(*args: str, root: Path | None = None, env: dict[str, str] | None = None,
+              allow_read: tuple[Path, ...] = (tmp_path,), **env_extra: str) -> DaemonProc:
+        """A daemon on root; specs may read the test's own folder (allow_read=() keeps the default policy)."""
         e = dict(env or lorad_env)
         e.update(env_extra)
-        d = DaemonProc(root or tmp_path / "root", ["--settle", "1.0", "--rescan-interval", "2", "--retry-backoff", "0.5", *args], e)
+        trust = [a for p in allow_read for a in ("--allow-read", str(p))]
+        d = DaemonProc(root or tmp_path / "root",
+                       ["--settle", "1.0", "--rescan-interval", "2", "--retry-backoff", "0.5", *trust, *args], e)
         procs.append(d)
         return d
 

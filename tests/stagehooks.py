@@ -50,3 +50,12 @@ def die_of_signal(ctx: StageContext) -> dict[str, str]:
     os.kill(os.getpid(), sig)
     time.sleep(10)
     return {}
+
+
+def report_limits(ctx: StageContext) -> dict[str, str]:
+    """Writes the resource limits the stage process runs under."""
+    import resource
+
+    limits = {"core": resource.getrlimit(resource.RLIMIT_CORE)[0], "fsize": resource.getrlimit(resource.RLIMIT_FSIZE)[0]}
+    ctx.path("limits.json").write_text(json.dumps(limits))
+    return {"limits": "limits.json"}

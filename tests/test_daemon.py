@@ -49,7 +49,7 @@ def test_rename_into_place_runs_to_succeeded(tmp_path, start_daemon, rows_file):
     assert {"timestamp", "level", "event", "job_id"} <= set(evs[0])
     assert all(e["job_id"] == job_id for e in evs)
     assert any(e["event"] == "data_prepared" and e["stage"] == "prepare" for e in evs)
-    assert not list((root / "inbox").iterdir()), "claimed file must leave the inbox"
+    assert [p.name for p in (root / "inbox").iterdir()] == [".lorad"], "the claimed file must leave the inbox"
     assert d.proc.poll() is None
 
 
@@ -109,7 +109,7 @@ def test_sync_tool_and_editor_files_never_become_jobs(tmp_path, start_daemon, ro
         assert by_source[name]["state"] == "rejected"
         assert by_source[name]["error"]["type"] == "SyncConflict"
         assert (root / "outbox" / by_source[name]["job_id"] / "spec.yaml").read_text() == good
-    assert sorted(os.listdir(inbox)) == sorted(ignored + [".dropbox.cache"])
+    assert sorted(os.listdir(inbox)) == sorted(ignored + [".dropbox.cache", ".lorad"])
 
 
 def test_bad_specs_are_rejected_with_their_bytes_kept(tmp_path, start_daemon, rows_file):
@@ -151,7 +151,7 @@ def test_200_specs_at_once_make_200_entries_in_order(tmp_path, start_daemon, row
     assert sorted(st) == [s["job_id"] for s in by_created], "job ids sort in arrival order"
     states = [s["state"] for s in by_created]
     assert states[0] == "running" and states[1:] == ["queued"] * 199, "one job at a time, FIFO"
-    assert not os.listdir(inbox)
+    assert os.listdir(inbox) == [".lorad"]
     d.signal(signal.SIGTERM)
     assert d.wait() == 0
 

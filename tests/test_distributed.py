@@ -33,7 +33,7 @@ def test_two_rank_ring_job_matches_one_rank(tmp_path, lorad_env):
     drop(root / "inbox", "one.yaml", spec("one", tiny, data))
     drop(root / "inbox", "two.yaml", spec("two", tiny, data,
                                           "  distributed: {hosts: [localhost, localhost], backend: ring}\n"))
-    out = subprocess.run([sys.executable, "-m", "lorad", "run", "--once", "--root", str(root)],
+    out = subprocess.run([sys.executable, "-m", "lorad", "run", "--once", "--root", str(root), "--allow-read", str(root.parent)],
                          env=lorad_env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     by_name = {s["name"]: s for s in statuses(root / "outbox").values()}

@@ -49,7 +49,7 @@ def test_submit_prints_the_job_id_it_gets_and_status_shows_it(tmp_path, rows_fil
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.strip()
     assert JOB_ID_RE.match(job_id) and (root / "inbox" / f"{job_id}.yaml").read_text() == spec.read_text()
-    run = subprocess.run([sys.executable, "-m", "lorad", "run", "--once", "--root", str(root)],
+    run = subprocess.run([sys.executable, "-m", "lorad", "run", "--once", "--root", str(root), "--allow-read", str(tmp_path)],
                          capture_output=True, text=True, env=lorad_env, timeout=120)
     assert run.returncode == 0, run.stderr
     st = subprocess.run([sys.executable, "-m", "lorad", "status", job_id, "--json", "--root", str(root)],

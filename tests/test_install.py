@@ -148,8 +148,9 @@ def test_doctor_passes_on_a_healthy_machine_and_says_ollama_is_missing(tmp_path)
     assert code == 0, checks
     assert checks["mlx"]["status"] in (OK, WARN) and "GFLOP/s" in checks["mlx"]["detail"]
     assert checks["llama.cpp"]["status"] == OK and "generated" in checks["llama.cpp"]["detail"]
-    for folder in ("inbox", "outbox", "state", "disk"):
+    for folder in ("inbox", "outbox", "state", "disk", "policy"):
         assert checks[folder]["status"] == OK, checks[folder]
+    assert str(tmp_path / "root" / "inbox" / "data") in checks["policy"]["detail"]
     assert checks["ollama"]["status"] == WARN and "ollama" in checks["ollama"]["fix"]
     human = lorad("doctor", "--root", str(tmp_path / "root"), "--ollama-host", f"http://127.0.0.1:{_free_port()}")
     assert "fix:" in human.stdout and "llama.cpp" in human.stdout

@@ -188,7 +188,8 @@ def test_torn_missing_and_edited_outbox_state_is_repaired_from_the_store(tmp_pat
     d = start_daemon(LORAD_STAGE_HOOKS=HOOKS_SLOW, HOOK_STEPS="30")
     drop(root / "inbox", "a.yaml", spec_text("a", rows_file))
     drop(root / "inbox", "b.yaml", spec_text("b", rows_file))
-    wait_for(lambda: (by_source(root / "outbox").get("a.yaml") or {}).get("state") == "running", timeout=30)
+    wait_for(lambda: (by_source(root / "outbox").get("a.yaml") or {}).get("state") == "running"
+             and "b.yaml" in by_source(root / "outbox"), timeout=30)
     job_a = root / "outbox" / by_source(root / "outbox")["a.yaml"]["job_id"]
     job_b = root / "outbox" / by_source(root / "outbox")["b.yaml"]["job_id"]
     (job_a / "status.json").write_text('{"job_')  # torn while the stage runs

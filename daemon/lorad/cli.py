@@ -20,10 +20,17 @@ def _layout(args: argparse.Namespace) -> layout_mod.Layout:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from lorad import policy
     from lorad.daemon import run
 
-    return run(_layout(args), once=args.once, polling=args.force_polling, settle=args.settle,
-               rescan_interval=args.rescan_interval, retry_backoff=args.retry_backoff)
+    lay = _layout(args)
+    try:
+        trust = policy.load(lay.root, lay.inbox, args.allow_read, args.allow_ollama_host, args.allow_train_host)
+    except policy.PolicyError as e:
+        print(f"lorad: {e}", file=sys.stderr)
+        return 2
+    return run(lay, once=args.once, polling=args.force_polling, settle=args.settle,
+               rescan_interval=args.rescan_interval, retry_backoff=args.retry_backoff, policy=trust)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -68,6 +75,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     tmp = lay.inbox / f".{job_id}.yaml.tmp"  # dot-name: the daemon ignores it until the rename
     with open(src, "rb") as fin, open(tmp, "wb") as fout:
         shutil.copyfileobj(fin, fout)
+        if args.rerun:  # other bytes than the earlier submission: not a duplicate (a comment changes no setting)
+            fout.write(f"\n# rerun requested by `lorad submit --rerun` at {outbox.now_iso()}\n".encode())
         fout.flush()
         fsync_file(fout.fileno())
     os.replace(tmp, lay.inbox / f"{job_id}.yaml")
@@ -235,7 +244,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     lay = _layout(args)
     spec = resources.path(resources.DEMO_SPEC)
-    submit_args = argparse.Namespace(file=str(spec), root=str(lay.root), inbox=None, outbox=None)
+    submit_args = argparse.Namespace(file=str(spec), root=str(lay.root), inbox=None, outbox=None, rerun=True)
     if cmd_submit(submit_args) != 0:
         return 1
     code = run(lay, once=True)
@@ -312,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-polling", action="store_true", help="poll the inbox (network shares)")
     p.add_argument("--settle", type=float, default=2.0, help="seconds a file must stay unchanged before it is claimed")
     p.add_argument("--rescan-interval", type=float, default=30.0, help="seconds between full inbox scans")
+    p.add_argument("--allow-read", action="append", metavar="DIR",
+                   help="a folder specs may read data and models from (repeatable; adds to ROOT/policy.yaml)")
+    p.add_argument("--allow-ollama-host", action="append", metavar="URL",
+                   help="an Ollama server specs may send models to, besides the daemon's own (repeatable)")
+    p.add_argument("--allow-train-host", action="append", metavar="HOST",
+                   help="an SSH host specs may train on (repeatable)")
     p.add_argument("--retry-backoff", type=float, default=30.0,
                    help="seconds before the first retry of a stage lost to a crash or a kill (doubled each time)")
     p.set_defaults(func=cmd_run)
@@ -322,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="copy a spec into the inbox")
     p.add_argument("file")
+    p.add_argument("--rerun", action="store_true",
+                   help="run it even if the same spec was already run (otherwise it is reported as a duplicate)")
     with_root(p, folders=True)
     p.set_defaults(func=cmd_submit)
 

@@ -41,6 +41,9 @@ from lorad import accel, disk, exits, inbox, outbox, sdnotify, watcher
 from lorad.fsutil import atomic_write_bytes, atomic_write_json, read_json
 from lorad.jobstore import FINAL, IllegalTransition, Job, JobStatus, JobStore, status_view
 from lorad.layout import Layout
+from lorad.policy import Policy
+from lorad.policy import load as load_policy
+from lorad.policy import to_env as policy_env
 from lorad.spec import MAX_SPEC_BYTES, check_bytes
 from lorad.stagerun import EXIT_INTERRUPTED, EXIT_OK, EXIT_SKIPPED
 
@@ -48,7 +51,12 @@ STOP_GRACE_SECONDS = 25.0  # SIGTERM → checkpoint → exit, inside launchd's E
 MAX_ATTEMPTS = 3  # stage runs lost to a crash or a signal before a job fails for good
 RETRY_BACKOFF_SECONDS = 30.0  # doubled after each lost attempt
 PROGRESS_PROJECT_INTERVAL = 1.0  # each status.json rewrite may be a sync upload
+CONFIRM_SECONDS = 0.5  # a file written in place must also stay unchanged this long after the claim
+CONFLICT_EVIDENCE_SECONDS = 7 * 86400  # "job 2.yaml" is a conflict copy if job.yaml came in this recently
+EARLY_STAGES = ("prepare", "convert")  # a newer version of the same file supersedes a job still in these,
+# or in lora before its first checkpoint (until then, nothing the job did is worth keeping)
 EXIT_ALREADY_RUNNING = 3
+MAX_STAGE_FILE_BYTES = 256 << 30  # a 70B model's f16 GGUF is ~140 GiB
 
 
 class AlreadyRunning(Exception):
@@ -67,6 +75,23 @@ class StageProcess:
     cancel: bool = False
     rusage: Any = None  # the ended process's resource usage (peak RSS), from wait4
     reported_error: dict[str, Any] | None = None
+    superseded_by: str | None = None
+
+
+@dataclass
+class Confirming:
+    path: Path  # state/claimed/ID.yaml
+    source: str
+    key: tuple[int, int, int] | None
+    since: float
+
+
+def _stat_key(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 @dataclass
@@ -158,6 +183,20 @@ def _die_with_parent() -> None:
             pass
 
 
+def _stage_limits() -> None:
+    """In the stage process, before exec: die with the daemon; no core dumps (a model's worth of memory on
+    disk); files no larger than MAX_STAGE_FILE_BYTES (a runaway writer fails, the disk does not fill)."""
+    import resource
+
+    _die_with_parent()
+    for limit, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_FSIZE, MAX_STAGE_FILE_BYTES)):
+        try:
+            _, hard = resource.getrlimit(limit)
+            resource.setrlimit(limit, (min(value, hard) if hard != resource.RLIM_INFINITY else value, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def read_claimed(path: Path) -> tuple[bytes | None, str | None]:
     """(bytes, None), or (None, why not): never follows a link, never blocks on a FIFO, never reads a huge file."""
     try:
@@ -188,8 +227,10 @@ def read_claimed(path: Path) -> tuple[bytes | None, str | None]:
 
 class Daemon:
     def __init__(self, layout: Layout, once: bool = False, polling: bool = False,
-                 settle: float = 2.0, rescan_interval: float = 30.0, retry_backoff: float = RETRY_BACKOFF_SECONDS):
+                 settle: float = 2.0, rescan_interval: float = 30.0, retry_backoff: float = RETRY_BACKOFF_SECONDS,
+                 policy: Policy | None = None):
         self.layout = layout
+        self.policy = policy or load_policy(layout.root, layout.inbox)
         self.once = once
         self.polling = polling
         self.rescan_interval = rescan_interval
@@ -210,6 +251,7 @@ class Daemon:
         self.unprojected: set[str] = set()  # jobs whose status.json could not be written (full disk)
         self.last_projection = 0.0
         self.last_adopt = 0.0
+        self.confirming: dict[str, Confirming] = {}
 
     @property
     def db(self) -> JobStore:
@@ -290,10 +332,18 @@ class Daemon:
         self.last_adopt = time.monotonic()
         for path in sorted(self.layout.claimed.glob("*.yaml")):
             job_id = path.stem
+            sidecar = self.layout.claimed / f".{job_id}.source"
             if self.db.get(job_id) is not None:
                 path.unlink(missing_ok=True)
+                sidecar.unlink(missing_ok=True)
                 continue
-            self._guarded_register(job_id, path, source=f"{job_id}.yaml")
+            if job_id in self.confirming:
+                continue
+            try:
+                source = sidecar.read_text()
+            except OSError:
+                source = f"{job_id}.yaml"
+            self._guarded_register(job_id, path, source=source)
 
     def _repair_outbox(self) -> None:
         """Whatever is torn, missing or edited in the outbox is rewritten from the store, and said on the job."""
@@ -358,18 +408,26 @@ class Daemon:
 
     def claim_ready(self) -> None:
         for name in self.tracker.ready():
+            cand = self.tracker.candidates.get(name)
+            moved_in = bool(cand and cand.moved_in)
             self.tracker.forget(name)
             try:
-                self._claim(name)
+                self._claim(name, moved_in)
             except Exception as e:  # noqa: BLE001 - one file must never end the loop
                 self.log.error("claim_failed", file=name, error=f"{type(e).__name__}: {e}",
                                disk_full=disk.is_disk_full(e))
+        self._confirm_claims()
 
-    def _claim(self, name: str) -> None:
+    def _claim(self, name: str, moved_in: bool = False) -> None:
         src = self.layout.inbox / name
-        if inbox.classify(name) == "conflict":
+        kind = inbox.classify(name)
+        if kind == "cancel":
+            self._cancel_file(name)
+            return
+        original = inbox.conflict_original(name)
+        if kind == "conflict" or (kind == "maybe-conflict" and original and self._was_here(original)):
             # a conflict copy is a record of a user's edit: keep it, show it, never run it
-            self._reject_conflict(name)
+            self._reject_conflict(name, original)
             return
         stem = Path(name).stem
         job_id = stem if outbox.JOB_ID_RE.match(stem) and not self._taken(stem) else outbox.new_job_id(stem, self._taken)
@@ -377,7 +435,59 @@ class Daemon:
         if not inbox.claim(src, dest):
             return
         self.log.info("claimed", file=name, job_id=job_id)
-        self._guarded_register(job_id, dest, source=name)
+        try:
+            atomic_write_bytes(self.layout.claimed / f".{job_id}.source", name.encode())  # for adoption after a crash
+        except OSError:
+            pass
+        if moved_in:  # renamed into place: complete by the writer's word
+            self._guarded_register(job_id, dest, source=name)
+        else:  # written in place: the bytes must stay put a little longer, now that no one can add to the name
+            self.confirming[job_id] = Confirming(dest, name, _stat_key(dest), time.monotonic())
+
+    def _confirm_claims(self) -> None:
+        """Register claimed files whose bytes stayed unchanged, with no writer, for CONFIRM_SECONDS."""
+        now = time.monotonic()
+        for job_id, c in list(self.confirming.items()):
+            key = _stat_key(c.path)
+            if key is None:
+                del self.confirming[job_id]
+                continue
+            if key != c.key or inbox.open_for_writing(c.path):
+                if key != c.key:
+                    self.log.warning("claimed_file_changed", job_id=job_id, file=c.source,
+                                     action="waiting until it stops changing")
+                c.key, c.since = key, now
+                continue
+            if now - c.since >= CONFIRM_SECONDS:
+                del self.confirming[job_id]
+                self._guarded_register(job_id, c.path, source=c.source)
+
+    def _was_here(self, original: str) -> bool:
+        """Evidence for a conflict copy: its original (.yaml or .yml) is in the inbox now, or came in lately."""
+        stem = Path(original).stem
+        since = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - CONFLICT_EVIDENCE_SECONDS))
+        return any((self.layout.inbox / name).exists() or self.db.with_source(name, since)
+                   for name in (f"{stem}.yaml", f"{stem}.yml"))
+
+    def _cancel_file(self, name: str) -> None:
+        """`JOB.cancel` or `cancel-JOB` dropped into the inbox: cancel for people who only have the folder."""
+        ref = inbox.cancel_target(name) or ""
+        try:
+            os.unlink(self.layout.inbox / name)
+        except OSError:
+            return
+        active = [j for j in self.db.active() if j.job_id == ref or j.job_id.startswith(ref) or j.name == ref]
+        if len(active) != 1:
+            self.log.warning("cancel_file_ignored", file=name, matches=[j.job_id for j in active],
+                             reason="no active job" if not active else "more than one active job matches")
+            return
+        job = active[0]
+        self._job_log(job.job_id).info("cancel_requested", via=f"inbox file {name}")
+        if self.current and self.current.job_id == job.job_id:
+            self.current.cancel = True
+            self._terminate_current()
+        else:
+            self._set(job, JobStatus.CANCELLED, f"cancelled by {name} in the inbox")
 
     def _guarded_register(self, job_id: str, claimed: Path, source: str) -> None:
         """Store a claimed file as a job. A full disk leaves it in state/claimed (adopted later); anything
@@ -403,16 +513,25 @@ class Daemon:
             error = {"type": "SpecError", "message": message, "errors": problems}
             job = self.db.add(job_id, None, source, JobStatus.REJECTED, kept, error)
         else:
-            result = check_bytes(data)
+            result = check_bytes(data, self.policy)
             raw_name = (result.raw or {}).get("name")
             name = raw_name if isinstance(raw_name, str) else None
             if result.ok and result.spec is not None:
-                job = self.db.add(job_id, result.spec["name"], source, JobStatus.QUEUED, data)
+                original = None if result.spec.get("rerun") else self._original_of(data)
+                if original is not None:
+                    error = {"type": "Duplicate", "duplicate_of": original.job_id, "errors": [],
+                             "message": f"the same bytes as job {original.job_id} ({original.state.value}); not run "
+                                        "again. To run it again, add `rerun: true` to the spec or use `lorad submit --rerun`"}
+                    job = self.db.add(job_id, result.spec["name"], source, JobStatus.DUPLICATE, data, error)
+                else:
+                    job = self.db.add(job_id, result.spec["name"], source, JobStatus.QUEUED, data)
+                    self._supersede_earlier(job)
             else:
                 error = {"type": "SpecError", "message": f"{len(result.problems)} problem(s) in {source}",
                          "errors": [p.as_dict() for p in result.problems]}
                 job = self.db.add(job_id, name, source, JobStatus.REJECTED, data, error)
         claimed.unlink(missing_ok=True)  # the store has the bytes now
+        (self.layout.claimed / f".{job_id}.source").unlink(missing_ok=True)
         job_dir = self.layout.job_dir(job_id)
         try:
             job_dir.mkdir(parents=True, exist_ok=True)
@@ -423,21 +542,54 @@ class Daemon:
         log = self._job_log(job_id)
         if job.state == JobStatus.QUEUED:
             log.info("job_queued", source=source, name=job.name)
+        elif job.state == JobStatus.DUPLICATE:
+            log.warning("job_duplicate", source=source, duplicate_of=(job.error or {}).get("duplicate_of"))
         else:
             for problem in (job.error or {}).get("errors", []):
                 log.error("spec_problem", **problem)
             log.error("job_rejected", source=source, problems=len((job.error or {}).get("errors", [])))
 
-    def _reject_conflict(self, name: str) -> None:
+    def _original_of(self, data: bytes) -> Job | None:
+        """A job with exactly these bytes that is queued, running or succeeded (a re-delivery)."""
+        import hashlib
+
+        same = self.db.with_sha256(hashlib.sha256(data).hexdigest(),
+                                   frozenset({JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED}))
+        return same[0] if same else None
+
+    def _supersede_earlier(self, newer: Job) -> None:
+        """Last write wins for one inbox name: an earlier version still queued, or still in its early stages
+        (prepare, convert, or lora before its first checkpoint), ends `superseded`; after that, a new
+        version of the name is a new job."""
+        for job in self.db.with_source(newer.source):
+            if job.job_id == newer.job_id or job.state not in (JobStatus.QUEUED, JobStatus.RUNNING):
+                continue
+            done = {k for k, v in job.stages.items() if v.get("state") in ("succeeded", "skipped")}
+            if not done <= set(EARLY_STAGES):
+                continue
+            if self.current and self.current.job_id == job.job_id:
+                first_checkpoint = self.layout.job_dir(job.job_id) / "adapters" / "checkpoint" / "state.json"
+                if not (self.current.stage in EARLY_STAGES
+                        or (self.current.stage == "lora" and not first_checkpoint.exists())):
+                    continue
+                self.current.superseded_by = newer.job_id
+                self._terminate_current()
+            else:
+                self._set(job, JobStatus.SUPERSEDED, f"superseded by {newer.job_id}",
+                          error=_superseded(newer.job_id, newer.source))
+            self._job_log(newer.job_id).info("job_supersedes", earlier=job.job_id, source=newer.source)
+
+    def _reject_conflict(self, name: str, original: str | None = None) -> None:
         job_id = outbox.new_job_id(Path(name).stem, self._taken)
         dest = self.layout.claimed / f"{job_id}.yaml"
         if not inbox.claim(self.layout.inbox / name, dest):
             return
         data, unreadable = read_claimed(dest)
+        lost_to = f" of {original}" if original else ""
         error = {
-            "type": "SyncConflict",
-            "message": f"{name} looks like a sync tool's conflict copy; it was not run. "
-                       "Compare it with the original and submit the version you want under a new name.",
+            "type": "SyncConflict", "lost_to": original,
+            "message": f"{name} is a sync tool's conflict copy{lost_to}; it was not run. Its bytes are kept here "
+                       "(spec.yaml): compare them with the original and submit the version you want under a new name.",
             "errors": [{"path": "$", "line": None, "message": "sync_conflict"}],
         }
         job = self.db.add(job_id, None, name, JobStatus.REJECTED, data or b"", error)
@@ -485,8 +637,7 @@ class Daemon:
         self._project(new)
         log = self._job_log(job.job_id)
         if to in FINAL:
-            event = {JobStatus.SUCCEEDED: "job_succeeded", JobStatus.FAILED: "job_failed",
-                     JobStatus.CANCELLED: "job_cancelled", JobStatus.REJECTED: "job_rejected"}[to]
+            event = f"job_{to.value}"
             (log.error if to == JobStatus.FAILED else log.info)(event, reason=reason, artifacts=new.artifacts or None)
         return new
 
@@ -579,12 +730,12 @@ class Daemon:
         (job_dir / "logs").mkdir(parents=True, exist_ok=True)
         log_file = open(job_dir / "logs" / f"{stage}.log", "ab")
         env = {**sdnotify.child_env(dict(os.environ)), **accel.blas_env(self.layout.cache),
-               "PYTHONUNBUFFERED": "1", "NO_COLOR": "1", "LORAD_RUN_DIR": str(run_dir)}
+               "PYTHONUNBUFFERED": "1", "NO_COLOR": "1", "LORAD_RUN_DIR": str(run_dir), **policy_env(self.policy)}
         proc = subprocess.Popen(
             [sys.executable, "-m", "lorad.stagerun", str(job_dir), stage, "--cache", str(self.layout.cache)],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
             start_new_session=True,  # its own process group: we signal the whole stage, tools included
-            preexec_fn=_die_with_parent,
+            preexec_fn=_stage_limits,
         )
         self.current = StageProcess(job.job_id, stage, proc, log_file, report)
         self._hold_awake(True)
@@ -705,6 +856,11 @@ class Daemon:
             record["seconds"] = outbox.seconds_since(record["started_at"])
         if code not in (EXIT_OK, EXIT_SKIPPED) or cur.cancel:
             self._hold_awake(False)  # the job stops here (failed, cancelled or interrupted)
+        if cur.superseded_by:
+            stages[cur.stage] = {**record, "state": "cancelled"}
+            self._set(job, JobStatus.SUPERSEDED, f"superseded by {cur.superseded_by}", stages=stages,
+                      error=_superseded(cur.superseded_by, job.source))
+            return
         if cur.cancel:
             stages[cur.stage] = {**record, "state": "cancelled"}
             self._set(job, JobStatus.CANCELLED, "cancelled by the user", stages=stages)
@@ -755,6 +911,7 @@ class Daemon:
             self.log.info("daemon_started", root=str(self.layout.root), inbox=str(self.layout.inbox),
                           outbox=str(self.layout.outbox), once=self.once, polling=self.polling)
             self.recover()
+            ensure_placeholder(self.layout.inbox)
             self._start_watcher()
             sdnotify.notify("READY=1", f"STATUS=watching {self.layout.inbox}")
             self._loop()
@@ -806,10 +963,10 @@ class Daemon:
         if not self.flags.stop:
             self.start_next()
         if self.once and not self.flags.stop and self.current is None and not self.tracker.pending \
-                and not self.db.active():
+                and not self.confirming and not self.db.active():
             self.log.info("daemon_drained")
             return False
-        idle_wait = 0.1 if (self.tracker.pending or self.current or self.flags.stop) else 1.0
+        idle_wait = 0.1 if (self.tracker.pending or self.confirming or self.current or self.flags.stop) else 1.0
         if self.once and self.current is None and self.db.active():
             idle_wait = 0.1  # waiting out a retry's backoff
         self._wait(min(idle_wait, self.watchdog_every or idle_wait))
@@ -855,6 +1012,11 @@ class Daemon:
                 return
 
 
+def _superseded(newer: str, source: str) -> dict[str, Any]:
+    return {"type": "Superseded", "superseded_by": newer, "errors": [],
+            "message": f"a newer version of {source} arrived (job {newer}) before this one got past its early stages"}
+
+
 def retry_job(store: JobStore, job: Job, log: Any = None) -> str:
     """`lorad retry`: a failed or cancelled job is queued again and resumes at its first unfinished stage."""
     if job.state not in (JobStatus.FAILED, JobStatus.CANCELLED):
@@ -872,6 +1034,19 @@ def cancel_job(store: JobStore, job: Job) -> str:
         return f"{job.job_id}: already {job.state.value}"
     store.transition(job.job_id, JobStatus.CANCELLED, "cancelled by the user")
     return f"{job.job_id}: cancelled"
+
+
+def ensure_placeholder(inbox_dir: Path) -> None:
+    """The one file lorad writes into the inbox: two-way sync tools (unison) refuse a replica that was
+    'completely emptied', which is what claiming the last spec would otherwise do."""
+    path = inbox_dir / inbox.PLACEHOLDER
+    if path.exists():
+        return
+    try:
+        atomic_write_bytes(path, b"lorad watches this folder for job specs (*.yaml). Keep this file: two-way sync "
+                                 b"tools stop syncing a folder that becomes empty.\n")
+    except OSError:
+        pass
 
 
 def _tail(path: Path, n: int = 2000) -> str:

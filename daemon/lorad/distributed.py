@@ -43,7 +43,9 @@ def check_host(host: str, python: str = sys.executable, timeout: int = 8) -> str
         from lorad import __version__
 
         return __version__
-    cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout}", host,
+    if host.startswith("-"):
+        raise HostError(f"host {host!r} is not a host name")
+    cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout}", "--", host,
            f"{python} -c 'import lorad; print(lorad.__version__)'"]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 5)
@@ -88,7 +90,10 @@ def copy_to_hosts(hosts: list[str], paths: list[Path]) -> None:
     """Put the prepared data and the base model at the same paths on every remote host."""
     for host in dict.fromkeys(h for h in hosts if not is_local(h)):
         for path in paths:
-            cmd = ["rsync", "-a", "--mkpath", f"{path}/" if path.is_dir() else str(path), f"{host}:{path}{'/' if path.is_dir() else ''}"]
+            if host.startswith("-"):
+                raise HostError(f"host {host!r} is not a host name")
+            cmd = ["rsync", "-a", "--mkpath", "--", f"{path}/" if path.is_dir() else str(path),
+                   f"{host}:{path}{'/' if path.is_dir() else ''}"]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 raise HostError(f"copying {path} to {host} failed: {out.stderr.strip()[-300:]}")

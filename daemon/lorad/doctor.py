@@ -223,11 +223,26 @@ def check_lock(layout: Layout) -> Check:
                  f"lorad run --root {layout.root}   (or lorad install-agent)")
 
 
+def check_policy(layout: Layout) -> Check:
+    from lorad import policy
+
+    try:
+        trust = policy.load(layout.root, layout.inbox)
+    except policy.PolicyError as e:
+        return Check("policy", FAIL, str(e), f"fix {layout.root / policy.POLICY_FILE}")
+    d = trust.describe()
+    return Check("policy", OK, f"specs may read {', '.join(d['read'])}; send models to {d['ollama_host']}"
+                 + "".join(f", {h}" for h in d["ollama_hosts"])
+                 + f"; train on {', '.join(d['train_hosts']) or 'this machine only'} (from {' + '.join(d['from'])}; "
+                 "`lorad run --allow-*` flags add to it)")
+
+
 def run_checks(layout: Layout, ollama_host: str | None = None) -> list[Check]:
     checks = [Check("lorad", OK, f"lorad {__version__}, Python {sys.version.split()[0]} ({sys.executable})")]
     steps: list[Callable[[], Any]] = [
         lambda: check_mlx(layout.cache), check_llama, lambda: check_ollama(ollama_host),
-        lambda: check_folders(layout), lambda: check_disk(layout), check_service, lambda: check_lock(layout),
+        lambda: check_folders(layout), lambda: check_disk(layout), lambda: check_policy(layout), check_service,
+        lambda: check_lock(layout),
     ]
     for step in steps:
         result = step()

@@ -29,19 +29,26 @@ class JobStatus(str, Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     REJECTED = "rejected"
+    SUPERSEDED = "superseded"  # a newer version of the same inbox file arrived before this one got far
+    DUPLICATE = "duplicate"  # the same bytes as a job that is queued, running or succeeded
 
 
-FINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.REJECTED})
+FINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.REJECTED,
+                   JobStatus.SUPERSEDED, JobStatus.DUPLICATE})
+NEW = frozenset({JobStatus.QUEUED, JobStatus.REJECTED, JobStatus.DUPLICATE})  # the states a claim can create
 
 # from → the states a job may move to. `lorad retry` is FAILED/CANCELLED → QUEUED; a retry after
 # an interruption or a stage killed by a signal is RUNNING → QUEUED.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
-    JobStatus.RUNNING: frozenset({JobStatus.QUEUED, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.SUPERSEDED}),
+    JobStatus.RUNNING: frozenset({JobStatus.QUEUED, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED,
+                                  JobStatus.SUPERSEDED}),
     JobStatus.FAILED: frozenset({JobStatus.QUEUED}),
     JobStatus.CANCELLED: frozenset({JobStatus.QUEUED}),
     JobStatus.SUCCEEDED: frozenset(),
     JobStatus.REJECTED: frozenset(),
+    JobStatus.SUPERSEDED: frozenset(),
+    JobStatus.DUPLICATE: frozenset(),
 }
 
 
@@ -145,6 +152,13 @@ class JobStore:
     def all(self) -> list[Job]:
         return self._select()
 
+    def with_sha256(self, digest: str, states: frozenset[JobStatus]) -> list[Job]:
+        marks = ", ".join("?" for _ in states)
+        return self._select(f"WHERE spec_sha256 = ? AND state IN ({marks})", (digest, *(s.value for s in states)))
+
+    def with_source(self, source: str, since_iso: str = "") -> list[Job]:
+        return self._select("WHERE source = ? AND created_at >= ?", (source, since_iso))
+
     def history(self, job_id: str) -> list[tuple[str | None, str, str | None]]:
         rows = self.db.execute("SELECT from_state, to_state, reason FROM transitions WHERE job_id = ? ORDER BY rowid",
                                (job_id,))
@@ -153,8 +167,8 @@ class JobStore:
     # --- writing ------------------------------------------------------------
     def add(self, job_id: str, name: str | None, source: str, state: JobStatus, spec: bytes,
             error: dict[str, Any] | None = None) -> Job:
-        if state not in (JobStatus.QUEUED, JobStatus.REJECTED):
-            raise IllegalTransition(f"{job_id}: a new job is queued or rejected, not {state.value}")
+        if state not in NEW:
+            raise IllegalTransition(f"{job_id}: a new job is queued, rejected or a duplicate, not {state.value}")
         now = now_iso()
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")

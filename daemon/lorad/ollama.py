@@ -9,6 +9,7 @@ ending in {"status": "success"}.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -77,7 +78,19 @@ def stop_tokens(family: str | None, eos_tokens: list[str]) -> list[str]:
 
 
 def _quote(text: str) -> str:
-    return '"""' + text.replace('"""', '\\"\\"\\"') + '"""'
+    """A Modelfile value that Ollama's parser (parser/parser.go) reads back exactly.
+
+    That parser has no escapes: a triple-quoted value ends at the first \"\"\" followed by
+    whitespace, and it silently drops characters Go's strconv.IsPrint rejects. So a value with
+    three quotes in a row, or with any non-printable character but tab and newline, cannot be
+    written faithfully; it is refused rather than written as something else.
+    """
+    if '"""' in text:
+        raise OllamaError(f"{text[:40]!r}…: three double quotes in a row cannot be written into a Modelfile")
+    bad = next((c for c in text if not c.isprintable() and c not in "\t\n"), None)
+    if bad is not None:
+        raise OllamaError(f"{text[:40]!r}…: character U+{ord(bad):04X} cannot be written into a Modelfile")
+    return '"""' + text + '"""'
 
 
 def modelfile(gguf_name: str, template: str | None, stops: list[str], system: str | None,
@@ -86,7 +99,8 @@ def modelfile(gguf_name: str, template: str | None, stops: list[str], system: st
     if template:
         lines.append(f"TEMPLATE {_quote(template)}")
     for stop in stops:
-        lines.append(f"PARAMETER stop {json.dumps(stop)}")
+        plain = stop.isprintable() and not any(c in stop for c in ' "')
+        lines.append(f'PARAMETER stop "{stop}"' if plain else f"PARAMETER stop {_quote(stop)}")
     for key, value in (parameters or {}).items():
         lines.append(f"PARAMETER {key} {value}")
     if system:
@@ -124,9 +138,10 @@ def _request(method: str, url: str, data: Any = None, headers: dict[str, str] | 
 def server_version(host: str, timeout: float = 3.0) -> str | None:
     try:
         with _request("GET", f"{host}/api/version", timeout=timeout) as r:
-            return json.loads(r.read() or b"{}").get("version", "unknown")
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
+            answer = json.loads(r.read(65536) or b"{}")
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException):
+        return None  # nothing there, or something that does not speak HTTP (BadStatusLine)
+    return str(answer.get("version", "unknown")) if isinstance(answer, dict) else None
 
 
 def has_blob(host: str, digest: str) -> bool:
@@ -174,6 +189,14 @@ def create(host: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 def import_via_api(host: str, gguf: Path, model: str, template: str | None, stops: list[str],
                    system: str | None, log: Any) -> dict[str, Any]:
+    try:
+        return _import_via_api(host, gguf, model, template, stops, system, log)
+    except (http.client.HTTPException, OSError, ValueError) as e:  # a server that stops making sense mid-way
+        raise OllamaError(f"{host} broke off the import: {type(e).__name__}: {e}") from None
+
+
+def _import_via_api(host: str, gguf: Path, model: str, template: str | None, stops: list[str],
+                    system: str | None, log: Any) -> dict[str, Any]:
     digest = file_digest(gguf)
     uploaded = False
     if not has_blob(host, digest):

@@ -76,10 +76,35 @@ def launchd_plan(layout: Layout, home: Path, uid: int) -> Plan:
         f"{os.path.realpath(sys.executable)} in System Settings → Privacy & Security"])
 
 
+def _allowed_addresses(layout: Layout) -> str:
+    """Loopback, plus the addresses of the Ollama servers and training hosts the root's policy lists."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from lorad import policy as policy_mod
+
+    addresses = ["localhost"]
+    try:
+        trust = policy_mod.load(layout.root, layout.inbox)
+    except policy_mod.PolicyError:
+        return " ".join(addresses)
+    names = [urlsplit(h).hostname or "" for h in (trust.ollama_host, *trust.ollama_hosts)]
+    names += [h.rsplit("@", 1)[-1] for h in trust.train_hosts]
+    for name in dict.fromkeys(n for n in names if n and n not in policy_mod.LOCAL_HOSTS):
+        try:
+            addresses += sorted({str(info[4][0]) for info in socket.getaddrinfo(name, None)})
+        except OSError:
+            pass  # not resolvable now: blocked until `lorad install-agent` is run again
+    return " ".join(dict.fromkeys(addresses))
+
+
 def systemd_plan(layout: Layout, home: Path) -> Plan:
     template = resources.read_text(resources.SYSTEMD_UNIT)
     values = {k: _systemd_quote(v) if k in ("python", "root") else v for k, v in _values(layout).items()}
     extra = "".join(f" {_systemd_quote(a)}" for a in _extra_args(layout))
+    writable = [layout.root, layout.inbox, layout.outbox, home / ".cache"]
+    values["writable"] = " ".join(dict.fromkeys(_systemd_quote(f"-{p}") for p in writable))  # '-': may not exist yet
+    values["ip_allow"] = _allowed_addresses(layout)
     content = _fill(template, {**values, "extra_args": extra}, xml=False)
     path = unit_path("systemd", home)
     user = os.environ.get("USER") or "$USER"

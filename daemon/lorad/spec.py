@@ -301,14 +301,25 @@ def apply_defaults(doc: dict[str, Any], schema: dict[str, Any] | None = None) ->
     return out
 
 
-def check_bytes(data: bytes) -> SpecResult:
-    """Parse and validate; never raises for bad input."""
+def _policy_problems(doc: dict[str, Any], builder: _Builder, policy: Any) -> list[Problem]:
+    from lorad.policy import spec_problems
+
+    out = []
+    for parts, message in spec_problems(doc, policy):
+        line, col = _locate(builder, parts)
+        out.append(Problem(_json_path(parts), message, line, col))
+    return out
+
+
+def check_bytes(data: bytes, policy: Any = None) -> SpecResult:
+    """Parse and validate (and, given the daemon's policy, check what the spec asks for); never raises."""
     try:
         doc, builder = parse_bytes(data)
     except SpecError as e:
         return SpecResult(None, None, [e.problem])
     problems = builder.problems + _schema_problems(doc, builder) + _order_problems(doc, builder)
     problems += _distributed_problems(doc, builder) if not problems else []
+    problems += _policy_problems(doc, builder, policy) if policy is not None and not problems else []
     problems.sort(key=lambda p: (p.line or 0, p.column or 0))
     if problems:
         return SpecResult(None, doc, problems)

@@ -13,6 +13,7 @@ from pathlib import Path
 SCHEMA = "jobspec.schema.json"
 DEMO_SPEC = "demo.yaml"
 TEXT_TO_SQL = "text_to_sql.jsonl.gz"
+STATUS_SCHEMA = "status.schema.json"
 LAUNCHD_PLIST = "dev.lorad.daemon.plist"
 SYSTEMD_UNIT = "lorad.service"
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from lorad.models import ModelNotFound, demo_gguf, hf_snapshot, ollama_gguf
 from lorad.stages import StageContext, StageFailed
+from lorad.stages.prepare import readable_path
 
 CONVERT_VERSION = 1  # bump when the conversion itself changes
 
@@ -34,7 +35,7 @@ def resolve_source(source: str) -> Path:
             return hf_snapshot(ref)
     except ModelNotFound as e:
         raise StageFailed(str(e)) from None
-    path = Path(ref).expanduser()
+    path = readable_path(ref)
     if not path.exists():
         raise StageFailed(f"model.source {source!r}: no such file or folder")
     if path.is_file() and not _is_gguf(path):

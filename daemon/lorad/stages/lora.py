@@ -397,6 +397,15 @@ def run_distributed(ctx: StageContext, dist: dict[str, Any]) -> dict[str, str]:
         raise StageFailed(problem)
     adapter_dir = ctx.path("adapters")
     adapter_dir.mkdir(exist_ok=True)
+    from lorad.policy import PolicyError, from_env
+
+    policy = from_env()
+    try:
+        for host in hosts:
+            if policy is not None:
+                policy.check_train_host(host)
+    except PolicyError as e:
+        raise StageFailed(str(e)) from None
     try:
         distributed.check_hosts(hosts)
         hostfile = distributed.write_hostfile(ctx.work_dir, hosts, backend)

@@ -37,7 +37,13 @@ def run(ctx: StageContext) -> dict[str, str]:
     atomic_write_text(ctx.path("Modelfile"), ollama.modelfile(gguf.name, template, stops, system))
     ctx.log.info("modelfile_written", family=family, stops=stops, system=bool(system))
     artifacts = {"modelfile": "Modelfile"}
-    host = ollama.resolve_host(spec.get("host"))
+    from lorad.policy import PolicyError, from_env
+
+    policy = from_env()
+    try:
+        host = policy.resolve_ollama(spec.get("host")) if policy else ollama.resolve_host(spec.get("host"))
+    except PolicyError as e:
+        raise StageFailed(str(e)) from None
     manual = f"cd {ctx.work_dir} && ollama create {name} -f Modelfile && ollama run {name}"
     result: dict[str, Any] | None
     try:

@@ -60,6 +60,19 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     raise StageFailed(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
 
 
+def readable_path(ref: str) -> Path:
+    """A `path:` reference, checked against the daemon's policy right before it is read."""
+    from lorad.policy import PolicyError, from_env
+
+    policy = from_env()
+    if policy is None:
+        return Path(ref).expanduser()
+    try:
+        return policy.resolve_path(ref)
+    except PolicyError as e:
+        raise StageFailed(str(e)) from None
+
+
 def load_source(source: str, cache_dir: Path) -> dict[str, list[dict[str, Any]]]:
     """{split: rows}; a single file or unsplit source comes back as {"all": rows}."""
     kind, _, ref = source.partition(":")
@@ -68,7 +81,7 @@ def load_source(source: str, cache_dir: Path) -> dict[str, list[dict[str, Any]]]
 
         return {"all": builtin_rows()}
     if kind == "path":
-        path = Path(ref).expanduser()
+        path = readable_path(ref)
         if path.is_file():
             return {"all": read_rows(path)}
         if path.is_dir():
