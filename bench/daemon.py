@@ -30,8 +30,7 @@ def measure(mode: list[str], drops: int, idle: float) -> dict:
         root = Path(tmp) / "root"
         rows = Path(tmp) / "rows.jsonl"
         rows.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(20)))
-        spec = f"version: 1\nname: bench\nmodel: {{source: demo}}\ndata: {{source: 'path:{rows}'}}\nstages: [prepare]\n"
-        proc = subprocess.Popen([sys.executable, "-m", "lorad", "run", "--root", str(root), *mode],
+        proc = subprocess.Popen([sys.executable, "-m", "lorad", "run", "--root", str(root), "--allow-read", tmp, *mode],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             while not (root / "inbox").is_dir():
@@ -40,7 +39,8 @@ def measure(mode: list[str], drops: int, idle: float) -> dict:
             latencies = []
             for i in range(drops):
                 tmpfile = Path(tmp) / f"spec{i}.yaml"
-                tmpfile.write_text(spec)
+                tmpfile.write_text(f"version: 1\nname: bench{i}\nmodel: {{source: demo}}\n"
+                                   f"data: {{source: 'path:{rows}'}}\nstages: [prepare]\n")
                 before = set(os.listdir(root / "outbox"))
                 t0 = time.perf_counter()
                 os.rename(tmpfile, root / "inbox" / f"spec{i}.yaml")

@@ -83,12 +83,15 @@ def lorad_env() -> dict[str, str]:
 
 
 @pytest.fixture
-def start_daemon(tmp_path: Path, lorad_env: dict[str, str]):
+def start_daemon(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, lorad_env: dict[str, str]):
     procs: list[DaemonProc] = []
 
     def start(*args: str, root: Path | None = None, env: dict[str, str] | None = None,
-              allow_read: tuple[Path, ...] = (tmp_path,), **env_extra: str) -> DaemonProc:
-        """A daemon on root; specs may read the test's own folder (allow_read=() keeps the default policy)."""
+              allow_read: tuple[Path, ...] | None = None, **env_extra: str) -> DaemonProc:
+        """A daemon on root; specs may read the test session's folders (models and rows the tests make);
+        allow_read=() keeps the default policy."""
+        if allow_read is None:
+            allow_read = (tmp_path_factory.getbasetemp(),)
         e = dict(env or lorad_env)
         e.update(env_extra)
         trust = [a for p in allow_read for a in ("--allow-read", str(p))]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -114,7 +115,8 @@ class SyncthingPair:
             self.logs.append(log)
             inst.proc = subprocess.Popen(
                 ["syncthing", "serve", f"--home={inst.home}", "--no-browser", "--no-restart", "--logflags=0"],
-                stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+                stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
+                start_new_session=True)  # its own group: the monitor and the syncthing it runs go together
         self.wait_connected()
         return self
 
@@ -149,9 +151,15 @@ class SyncthingPair:
 
     def __exit__(self, *exc: object) -> None:
         for inst in (self.a, self.b):
-            if inst.proc and inst.proc.poll() is None:
-                inst.proc.terminate()
+            if inst.proc is None:
+                continue
+            for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
                 try:
-                    inst.proc.wait(timeout=10)
+                    os.killpg(inst.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    inst.proc.wait(timeout=wait)
+                    time.sleep(0.2)
                 except subprocess.TimeoutExpired:
-                    inst.proc.kill()
+                    pass

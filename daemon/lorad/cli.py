@@ -30,7 +30,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"lorad: {e}", file=sys.stderr)
         return 2
     return run(lay, once=args.once, polling=args.force_polling, settle=args.settle,
-               rescan_interval=args.rescan_interval, retry_backoff=args.retry_backoff, policy=trust)
+               rescan_interval=args.rescan_interval, retry_backoff=args.retry_backoff, policy=trust,
+               rename_delay=args.rename_delay)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -321,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-polling", action="store_true", help="poll the inbox (network shares)")
     p.add_argument("--settle", type=float, default=2.0, help="seconds a file must stay unchanged before it is claimed")
     p.add_argument("--rescan-interval", type=float, default=30.0, help="seconds between full inbox scans")
+    p.add_argument("--rename-delay", type=float, default=0.5,
+                   help="seconds between a file's rename into the inbox and its claim (sync tools' bookkeeping)")
     p.add_argument("--allow-read", action="append", metavar="DIR",
                    help="a folder specs may read data and models from (repeatable; adds to ROOT/policy.yaml)")
     p.add_argument("--allow-ollama-host", action="append", metavar="URL",

@@ -228,14 +228,14 @@ def read_claimed(path: Path) -> tuple[bytes | None, str | None]:
 class Daemon:
     def __init__(self, layout: Layout, once: bool = False, polling: bool = False,
                  settle: float = 2.0, rescan_interval: float = 30.0, retry_backoff: float = RETRY_BACKOFF_SECONDS,
-                 policy: Policy | None = None):
+                 policy: Policy | None = None, rename_delay: float = 0.5):
         self.layout = layout
         self.policy = policy or load_policy(layout.root, layout.inbox)
         self.once = once
         self.polling = polling
         self.rescan_interval = rescan_interval
         self.retry_backoff = retry_backoff
-        self.tracker = inbox.InboxTracker(layout.inbox, settle=settle)
+        self.tracker = inbox.InboxTracker(layout.inbox, settle=settle, rename_delay=rename_delay)
         self.events: queue.Queue = queue.Queue()
         self.flags = Flags()
         self.current: StageProcess | None = None
