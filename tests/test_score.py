@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -147,3 +148,59 @@ def test_summary_has_counts_interval_and_breakdown(tmp_path):
 def test_wilson_interval():
     lo, hi = wilson(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+
+
+ODD_ROWS = [
+    ["not", "an", "object"],
+    {"sql_context": "CREATE TABLE t (x INT);", "sql": "SELECT 1", "prediction": 42},
+    {"sql_context": "CREATE TABLE t (x INT);", "sql": 7, "prediction": "SELECT 1"},
+    {"sql_context": {"a": 1}, "sql": "SELECT 1", "prediction": "SELECT 1"},
+    {"sql_context": "CREATE TABLE t (x INT);", "sql": "INSERT INTO t VALUES (1)", "prediction": 'CREATE TABLE "a""b"(x)'},
+    {"sql_context": "CREATE TABLE t (" + ", ".join(f"c{i} INT" for i in range(10)) + "); INSERT INTO t VALUES ("
+                    + ", ".join("1" for _ in range(10)) + ");",
+     "sql": "SELECT * FROM t", "prediction": "SELECT * FROM t"},  # 10 identical columns: 10! assignments
+    {"sql_context": "CREATE TABLE t AS WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c;",
+     "sql": "SELECT 1", "prediction": "SELECT 1"},  # a context that never ends
+    {"sql_context": "CREATE TABLE t (x INT);", "sql": "SELECT 1", "prediction": "SELECT randomblob(300000000)"},
+    {"sql_context": "CREATE TABLE t (x INT);", "sql": "SELECT length(randomblob(300000000))", "prediction": "SELECT 1"},
+]
+ODD_DUCKDB = [
+    {"sql_context": "ATTACH ':memory:' AS other; USE other; CREATE TABLE t (x INT);", "sql": "SELECT 1",
+     "prediction": "SELECT 1"},
+    {"sql_context": "CREATE TABLE t (x INT);", "sql": "SELECT 1", "prediction": "DETACH scratch0"},
+    {"sql_context": "CREATE TABLE t (x INT);", "sql": "SELECT 1", "prediction": "SET memory_limit='100GB'"},
+    {"sql_context": "CREATE TABLE t (x INT); INSERT INTO t VALUES (1);", "sql": "SELECT x FROM t", "prediction": "SELECT x FROM t"},
+]
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite", "duckdb"])
+def test_odd_rows_never_crash_and_each_row_is_bounded(tmp_path, engine_name):
+    """Every odd row is excluded or wrong with a reason; the run stays within seconds and memory per row."""
+    if engine_name == "duckdb":
+        pytest.importorskip("duckdb")
+    rows = ODD_ROWS + (ODD_DUCKDB if engine_name == "duckdb" else [])
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "rows.jsonl"
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "lorad", "score", str(pairs), "--engine", engine_name,
+                             "--rows", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.monotonic() - t0
+    stderr = proc.stderr.read() if proc.stderr else ""
+    assert os.waitstatus_to_exitcode(status) == 0, stderr
+    summary = json.loads(proc.stdout.read() if proc.stdout else "{}")
+    scored = [json.loads(x) for x in out.read_text().splitlines()]
+    assert summary["n"] == len(rows) == len(scored)
+    reasons = [r["reason"] for r in scored]
+    assert reasons[0] == "row_not_an_object"
+    assert reasons[1] == "no_sql" and reasons[2] == "sql_not_text" and reasons[3] == "sql_context_not_text"
+    assert reasons[4] in ("mismatch", "pred_error")  # the quoted table name is compared, not a crash
+    assert scored[5]["match"] is True  # the identical columns match, quickly
+    assert reasons[6] in ("context_timeout", "context_error")
+    assert reasons[7] in ("pred_error", "pred_timeout") and reasons[8] in ("gold_error", "gold_timeout", "match")
+    if engine_name == "duckdb":
+        assert reasons[9] == "context_error" and {reasons[10], reasons[11]} <= {"pred_error", "no_sql"}
+        assert scored[12]["match"] is True, "a later row is not affected by the earlier ones"
+    assert seconds < 5 * len(rows), seconds
+    assert usage.ru_maxrss * 1024 < 1200 << 20, f"peak RSS {usage.ru_maxrss / 1024:.0f} MiB"

@@ -360,3 +360,31 @@ def test_a_nan_loss_stops_the_stage_with_its_likely_cause(tmp_path):
     with pytest.raises(StageFailed, match="became nan at iteration 3.*learning_rate"):
         tracker.on_train_loss_report({"iteration": 3, "train_loss": float("nan"), "iterations_per_second": 1.0,
                                       "tokens_per_second": 1.0, "peak_memory": 0.1, "learning_rate": 1e-4})
+
+
+def test_a_resume_does_not_count_its_first_validation_toward_patience(tmp_path):
+    """mlx-lm validates at the first step of every train() call; after a resume that re-measures the checkpoint."""
+    from lorad.outbox import event_logger
+    from lorad.spec import apply_defaults
+    from lorad.stages import StageContext
+    from lorad.stages.lora import EarlyStop, Tracker
+
+    spec = apply_defaults({"version": 1, "name": "n", "model": {"source": "demo"}, "data": {"source": "path:x"},
+                           "train": {"early_stopping": {"patience": 3}}})
+    ctx = StageContext(spec=spec, work_dir=tmp_path, cache_dir=tmp_path, log=event_logger(tmp_path, job_id="n"))
+    resumed = {"iteration": 40, "best_val": 1.0, "best_iteration": 20, "evals_since_best": 2}
+    tracker = Tracker(ctx, model=None, optimizer=None, adapter_dir=tmp_path, state=resumed)
+    tracker.on_val_loss_report({"iteration": 1, "val_loss": 1.5})  # the checkpoint again: not a new evaluation
+    assert tracker.state["evals_since_best"] == 2
+    with pytest.raises(EarlyStop):
+        tracker.on_val_loss_report({"iteration": 10, "val_loss": 1.5})  # a real one: the third without progress
+
+
+def test_half_written_temp_folders_are_removed_at_start(tmp_path, start_daemon):
+    root = tmp_path / "root"
+    leftover = root / "state" / "cache" / "models" / ".0123abcd.4242.tmp"  # convert killed mid-write
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"\0" * 4096)
+    d = start_daemon()
+    wait_for(lambda: not leftover.exists(), timeout=20, what="the temp folder removed")
+    assert "temp_removed" in d.log

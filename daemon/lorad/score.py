@@ -22,8 +22,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-TIMEOUT_SECONDS = 5.0
+TIMEOUT_SECONDS = 5.0  # per statement: the context's, the gold's and the prediction's
 MAX_ROWS = 10_000
+MAX_VALUE_BYTES = 10_000_000  # the longest string or blob a row's SQL may build (randomblob(3e8) is an attack)
+MEMORY_LIMIT = "512MB"  # DuckDB's memory for a row
+MAX_MATCH_STEPS = 50_000  # column assignments tried when matching results (10 identical columns: 10! otherwise)
+# DuckDB has no authorizer: statements that leave the row's own catalog, or touch files or settings
+DUCKDB_REFUSED = re.compile(r"^\s*(ATTACH|DETACH|USE|INSTALL|LOAD|COPY|EXPORT|IMPORT|SET|RESET|PRAGMA|CHECKPOINT)\b",
+                            re.IGNORECASE)
 STATEMENT_START = re.compile(r"\b(WITH|SELECT|INSERT|UPDATE|DELETE|REPLACE|CREATE|DROP|ALTER)\b", re.IGNORECASE)
 NONDETERMINISTIC = re.compile(r"\b(NOW|CURDATE|CURRENT_DATE|CURRENT_TIMESTAMP|CURRENT_TIME|RANDOM|RAND|GETDATE|SYSDATE)\b|"
                               r"date\(\s*'now'", re.IGNORECASE)
@@ -109,13 +115,16 @@ class SQLite:
     def connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(":memory:", isolation_level=None)
         con.set_authorizer(_no_files)  # model-written SQL must not create files (ATTACH, VACUUM INTO)
+        if hasattr(con, "setlimit"):  # Python 3.11+: no string or blob beyond MAX_VALUE_BYTES
+            con.setlimit(getattr(sqlite3, "SQLITE_LIMIT_LENGTH", 0), MAX_VALUE_BYTES)
         return con
 
     def close(self, con: sqlite3.Connection) -> None:
         con.close()
 
-    def run_script(self, con: sqlite3.Connection, script: str) -> None:
-        con.executescript(script)
+    def run_script(self, con: sqlite3.Connection, script: str, timeout: float = TIMEOUT_SECONDS) -> None:
+        for stmt in split_statements(script):
+            self.execute(con, stmt, timeout)
 
     def execute(self, con: sqlite3.Connection, sql: str, timeout: float) -> list[tuple] | None:
         deadline = time.monotonic() + timeout
@@ -154,7 +163,8 @@ class DuckDB:
 
         self.duckdb = duckdb
         # model-written SQL must not read or write files (COPY, ATTACH 'x.db', read_csv, INSTALL)
-        self.instance = duckdb.connect(":memory:", config={"enable_external_access": False})
+        self.instance = duckdb.connect(":memory:", config={"enable_external_access": False,
+                                                           "memory_limit": MEMORY_LIMIT})
         self.opened = itertools.count()
         self.catalogs: dict[int, str] = {}
 
@@ -172,14 +182,18 @@ class DuckDB:
         try:
             con.execute("USE memory")
             con.execute(f"DETACH DATABASE IF EXISTS {name}")
+        except self.duckdb.Error:
+            pass  # a catalog that cannot be dropped is an empty leftover in memory, not a reason to stop
         finally:
             con.close()
 
-    def run_script(self, con, script: str) -> None:
+    def run_script(self, con, script: str, timeout: float = TIMEOUT_SECONDS) -> None:
         for stmt in split_statements(script):
-            con.execute(stmt)
+            self.execute(con, stmt, timeout)
 
     def execute(self, con, sql: str, timeout: float) -> list[tuple] | None:
+        if DUCKDB_REFUSED.match(sql):
+            raise self.duckdb.Error(f"not allowed in scoring: {sql.split()[0].upper()}")
         fired = [False]
 
         def interrupt() -> None:
@@ -252,27 +266,51 @@ def results_match(gold: list[tuple], pred: list[tuple], ordered: bool) -> bool:
     if any(not c for c in candidates):
         return False
     target = gold if ordered else Counter(gold)
-    tried = 0
-    for perm in itertools.product(*candidates):
-        if len(set(perm)) != width:
-            continue
-        tried += 1
-        if tried > 5000:
-            break
-        permuted = [tuple(r[j] for j in perm) for r in pred]
-        if (permuted if ordered else Counter(permuted)) == target:
-            return True
-    return False
+    steps = [0]
+
+    def assign(i: int, used: list[int]) -> bool:
+        """Depth-first over assignments of distinct pred columns to gold columns, within MAX_MATCH_STEPS."""
+        if i == width:
+            permuted = [tuple(r[j] for j in used) for r in pred]
+            return (permuted if ordered else Counter(permuted)) == target
+        for j in candidates[i]:
+            steps[0] += 1
+            if steps[0] > MAX_MATCH_STEPS:
+                return False
+            if j not in used and assign(i + 1, [*used, j]):
+                return True
+        return False
+
+    return assign(0, [])
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _snapshot(db, con) -> dict[str, Counter]:
-    return {t: Counter(_normalize(db.execute(con, f'SELECT * FROM "{t}"', TIMEOUT_SECONDS) or [])) for t in db.tables(con)}
+    return {t: Counter(_normalize(db.execute(con, f"SELECT * FROM {_quote_ident(t)}", TIMEOUT_SECONDS) or []))
+            for t in db.tables(con)}
 
 
-def score_row(row: dict[str, Any], db, timeout: float = TIMEOUT_SECONDS) -> dict[str, Any]:
-    """{match: bool | None, reason, pred_sql, gold_rows?}; match None means excluded."""
-    context, gold = row.get("sql_context") or "", (row.get("sql") or "").strip()
-    pred = extract_sql(row.get("prediction"))
+def score_row(row: Any, db, timeout: float = TIMEOUT_SECONDS) -> dict[str, Any]:
+    """{match: bool | None, reason, pred_sql, gold_rows?}; match None means excluded. Never raises for odd input:
+    every statement is bounded in time and memory, and whatever still goes wrong is a reason on the row."""
+    if not isinstance(row, dict):
+        return {"pred_sql": None, "match": None, "reason": "row_not_an_object"}
+    for key in ("sql_context", "sql"):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            return {"pred_sql": None, "match": None, "reason": f"{key}_not_text"}
+    prediction = row.get("prediction")
+    try:
+        return _score_row(row.get("sql_context") or "", (row.get("sql") or "").strip(),
+                          prediction if isinstance(prediction, str) else None, db, timeout)
+    except Exception as e:  # noqa: BLE001 - an engine failure or a bug: this row is excluded, the rest are scored
+        return {"pred_sql": None, "match": None, "reason": "scoring_error", "error": f"{type(e).__name__}: {e}"[:200]}
+
+
+def _score_row(context: str, gold: str, prediction: str | None, db, timeout: float) -> dict[str, Any]:
+    pred = extract_sql(prediction)
     result: dict[str, Any] = {"pred_sql": pred}
     if not gold:
         return {**result, "match": None, "reason": "no_gold"}
@@ -284,7 +322,9 @@ def score_row(row: dict[str, Any], db, timeout: float = TIMEOUT_SECONDS) -> dict
     con = db.connect()
     try:
         try:
-            db.run_script(con, context)
+            db.run_script(con, context, timeout)
+        except QueryTimeout:
+            return {**result, "match": None, "reason": "context_timeout"}
         except errors:
             return {**result, "match": None, "reason": "context_error"}
         try:
@@ -301,7 +341,7 @@ def score_row(row: dict[str, Any], db, timeout: float = TIMEOUT_SECONDS) -> dict
         return {**result, "match": False, "reason": "no_sql", "valid": False}
     con = db.connect()
     try:
-        db.run_script(con, context)
+        db.run_script(con, context, timeout)
         try:
             pred_rows = db.execute(con, pred, timeout)
         except QueryTimeout:
@@ -313,7 +353,10 @@ def score_row(row: dict[str, Any], db, timeout: float = TIMEOUT_SECONDS) -> dict
                 return {**result, "match": False, "reason": "pred_not_a_query", "valid": True}
             ok = results_match(_normalize(gold_rows or []), _normalize(pred_rows), has_top_level_order_by(gold_stmt))
         else:
-            ok = _snapshot(db, con) == gold_state
+            try:
+                ok = _snapshot(db, con) == gold_state
+            except (QueryTimeout, *errors) as e:
+                return {**result, "match": False, "reason": "pred_error", "error": str(e)[:200], "valid": False}
     finally:
         db.close(con)
     return {**result, "match": ok, "reason": "match" if ok else "mismatch", "valid": True}
@@ -359,7 +402,7 @@ def summarize(rows: list[dict[str, Any]], engine_name: str) -> dict[str, Any]:
 def score_rows(rows: Iterable[dict[str, Any]], engine_name: str = "sqlite",
                timeout: float = TIMEOUT_SECONDS) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     db = engine(engine_name)
-    out = [{**row, **score_row(row, db, timeout)} for row in rows]
+    out = [{**(row if isinstance(row, dict) else {"row": row}), **score_row(row, db, timeout)} for row in rows]
     return summarize(out, engine_name), out
 
 
