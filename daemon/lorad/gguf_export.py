@@ -242,7 +242,7 @@ def quantize_with_llama_cpp(src: Path, dest: Path, outtype: str) -> None:
     try:
         import llama_cpp
     except ImportError:
-        raise ExportError(f"gguf.outtype {outtype} needs llama.cpp's quantizer: pip install 'lorad[llama]' "
+        raise ExportError(f"gguf.outtype {outtype} needs llama.cpp's quantizer: `lorad install-llama` "
                           "(llama-cpp-python), or choose q8_0, q4_0, q4_1, f16, bf16 or f32") from None
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{LLAMA_CPP_TYPES[outtype]}")

@@ -76,7 +76,7 @@ def run(ctx: StageContext) -> dict[str, str]:
 
     if not llama_cpp_available():
         ctx.log.warning("gguf_verification_skipped", reason="llama-cpp-python is not installed",
-                        hint="pip install 'lorad[llama]' to check every export with llama.cpp")
+                        hint="`lorad install-llama` to check every export with llama.cpp")
         return {"gguf": "model.gguf"}
     tokenizer = load_tokenizer(fused)
     question = job_question(ctx)
