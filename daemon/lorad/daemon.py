@@ -896,6 +896,7 @@ class Daemon:
 
     # --- the loop ----------------------------------------------------------
     def run(self) -> int:
+        self.install_signals()  # first: a SIGHUP or SIGTERM during start-up sets a flag, never kills
         try:
             self.layout.make_dirs()
             lock_fd = acquire_lock(self.layout)
@@ -907,7 +908,6 @@ class Daemon:
             return 1
         try:
             self.store = JobStore(self.layout.store)
-            self.install_signals()
             self.log.info("daemon_started", root=str(self.layout.root), inbox=str(self.layout.inbox),
                           outbox=str(self.layout.outbox), once=self.once, polling=self.polling)
             self.recover()
