@@ -233,6 +233,13 @@ def test_a_stage_killed_by_sigkill_is_retried_and_resumes_from_its_checkpoint(tm
     assert requeued and "SIGKILL" in requeued[0]["reason"] and "out of memory" in requeued[0]["reason"]
     resumed = [e for e in events(job_dir) if e["event"] == "hook_resume"]
     assert resumed and resumed[0]["step"] >= saved - 1
+    from lorad.jobstore import JobStore
+
+    store = JobStore(root / "state" / "jobs.sqlite3")
+    moves = [(a, b) for a, b, _ in store.history(st["job_id"])]
+    store.close()
+    assert moves == [(None, "queued"), ("queued", "running"), ("running", "queued"), ("queued", "running"),
+                     ("running", "succeeded")], moves
 
 
 def test_after_the_last_attempt_a_job_stays_failed_across_restarts(tmp_path, start_daemon, rows_file, lorad_env):

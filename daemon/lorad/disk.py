@@ -33,12 +33,6 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
-def folder_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
-
-
 def _base_folder(job_dir: Path) -> Path | None:
     ref = job_dir / "base_model.json"
     try:

@@ -23,10 +23,6 @@ class ExitReason:
     retryable: bool  # a later attempt, resuming from the checkpoint, may succeed
     peak_rss_bytes: int | None = None
 
-    def as_dict(self) -> dict[str, object]:
-        return {"exit": self.code, "message": self.message, "hint": self.hint, "retryable": self.retryable,
-                "peak_rss_bytes": self.peak_rss_bytes}
-
 
 def peak_rss_bytes(rusage: object | None) -> int | None:
     """ru_maxrss is KiB on Linux, bytes on macOS."""
