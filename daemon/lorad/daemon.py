@@ -666,25 +666,20 @@ class Daemon:
                                                        attempt=attempts, in_seconds=round(delay, 1))
 
     # --- phase 5: work ---------------------------------------------------
-    def _wanted_stages(self, job: Job) -> list[str] | None:
-        result = check_bytes(job.spec)
-        if not result.ok or result.spec is None:
-            return None
-        return list(result.spec["stages"])
-
     def start_next(self) -> None:
         while self.current is None:
             now = time.time()
             job = next((j for j in self.db.active() if j.not_before <= now), None)
             if job is None:
                 return
-            wanted = self._wanted_stages(job)
-            if wanted is None:  # valid when claimed; not for this lorad (an upgrade changed the schema)
-                problems = check_bytes(job.spec).problems
+            result = check_bytes(job.spec)  # parsed once per start: stages and the disk estimate come from it
+            if not result.ok or result.spec is None:  # valid when claimed; not for this lorad (a schema change)
                 self._set(job, JobStatus.FAILED, "the spec no longer validates",
                           error={"type": "SpecError", "message": "the stored spec no longer validates with this lorad",
-                                 "errors": [p.as_dict() for p in problems]})
+                                 "errors": [p.as_dict() for p in result.problems]})
                 continue
+            spec = result.spec
+            wanted = list(spec["stages"])
             done = {k for k, v in job.stages.items() if v.get("state") in ("succeeded", "skipped")}
             stage = next((s for s in wanted if s not in done), None)
             if stage is None:
@@ -694,8 +689,7 @@ class Daemon:
                 self._set(job, JobStatus.SUCCEEDED, "every stage finished", stage=None, error=None)
                 continue
             try:
-                disk.check_free(stage, disk.stage_need(stage, check_bytes(job.spec).spec or {},
-                                                       self.layout.job_dir(job.job_id)), self.layout.root)
+                disk.check_free(stage, disk.stage_need(stage, spec, self.layout.job_dir(job.job_id)), self.layout.root)
             except disk.DiskFull as e:
                 self._set(job, JobStatus.FAILED, str(e), error={"type": "DiskFull", "message": str(e), "stage": stage, "errors": []})
                 continue

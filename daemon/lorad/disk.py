@@ -53,14 +53,30 @@ def _params(base: Path | None) -> int | None:
     return int(weights / (0.5 if quantized else 2.0))  # 4-bit (scales make it a little more) or 16-bit
 
 
-def stage_need(stage: str, spec: dict[str, Any], job_dir: Path, model_source_bytes: int | None = None) -> int:
+def _source_bytes(spec: dict[str, Any]) -> int:
+    """Size of a local model source (the demo GGUF, a path: file or folder); 0 when not local or unknown."""
+    source = str((spec.get("model") or {}).get("source", ""))
+    try:
+        if source == "demo":
+            from lorad.models import demo_gguf
+
+            return demo_gguf().stat().st_size
+        if source.startswith("path:"):
+            path = Path(source[len("path:"):]).expanduser()
+            return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    except Exception:  # noqa: BLE001 - an estimate: the stage reports a missing source itself
+        return 0
+    return 0
+
+
+def stage_need(stage: str, spec: dict[str, Any], job_dir: Path) -> int:
     """Bytes `stage` will write at most, from what earlier stages left in job_dir."""
     base = _base_folder(job_dir)
     params = _params(base) or 0
     if stage == "prepare":
         return MARGIN_BYTES
     if stage == "convert":  # a GGUF source → a dequantized or re-saved folder: up to 4 bytes a weight of a q4 file
-        return (model_source_bytes or 0) * 8 + MARGIN_BYTES
+        return _source_bytes(spec) * 8 + MARGIN_BYTES
     if stage == "lora":  # adapters and a few checkpoints: small next to the model
         return max(params // 50, 0) + MARGIN_BYTES
     if stage == "fuse":  # fp16 weights, or fp32 on a CPU
