@@ -31,7 +31,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     return run(lay, once=args.once, polling=args.force_polling, settle=args.settle,
                rescan_interval=args.rescan_interval, retry_backoff=args.retry_backoff, policy=trust,
-               rename_delay=args.rename_delay)
+               rename_delay=args.rename_delay, name=args.name, default_daemon=args.default_daemon)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -267,6 +267,26 @@ def cmd_score(args: argparse.Namespace) -> int:
     return score_main(args.pairs, args.engine, args.rows)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lorad.compare import compare_table, load_job
+    from lorad.fsutil import atomic_write_text
+
+    lay = _layout(args)
+    jobs = []
+    for ref in args.jobs:
+        job_id = find_job(lay, ref)
+        if job_id is None:
+            print(f"lorad: no job {ref!r} in {lay.outbox}", file=sys.stderr)
+            return 1
+        jobs.append(load_job(lay.job_dir(job_id)))
+    table = compare_table(jobs)
+    print(table, end="")
+    if args.output:
+        atomic_write_text(Path(args.output), "# lorad compare\n\n" + table)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
 def _service_kind(args: argparse.Namespace) -> str:
     from lorad import service
 
@@ -330,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an Ollama server specs may send models to, besides the daemon's own (repeatable)")
     p.add_argument("--allow-train-host", action="append", metavar="HOST",
                    help="an SSH host specs may train on (repeatable)")
+    p.add_argument("--name", help="this daemon's name for specs' runs_on (default: the host name)")
+    p.add_argument("--default-daemon", metavar="NAME",
+                   help="several daemons share the inbox: the one that runs specs without runs_on (give the same "
+                        "NAME to every daemon; default: each runs them, as a daemon alone does)")
     p.add_argument("--retry-backoff", type=float, default=30.0,
                    help="seconds before the first retry of a stage lost to a crash or a kill (doubled each time)")
     p.set_defaults(func=cmd_run)
@@ -363,6 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job")
     with_root(p, folders=True)
     p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser("compare", help="several jobs' settings and metrics side by side (Markdown)")
+    p.add_argument("jobs", nargs="+", metavar="JOB", help="job ids, unique prefixes or names")
+    p.add_argument("--output", "-o", help="also write the table to this file (e.g. compare.md)")
+    with_root(p, folders=True)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("score", help="score text-to-SQL predictions by executing them")
     p.add_argument("pairs", help="JSONL rows with sql_context, sql (gold) and prediction")

@@ -26,6 +26,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -44,7 +45,7 @@ from lorad.layout import Layout
 from lorad.policy import Policy
 from lorad.policy import load as load_policy
 from lorad.policy import to_env as policy_env
-from lorad.spec import MAX_SPEC_BYTES, check_bytes
+from lorad.spec import MAX_SPEC_BYTES, addressed_to, check_bytes
 from lorad.stagerun import EXIT_INTERRUPTED, EXIT_OK, EXIT_SKIPPED
 
 STOP_GRACE_SECONDS = 25.0  # SIGTERM → checkpoint → exit, inside launchd's ExitTimeOut
@@ -228,8 +229,12 @@ def read_claimed(path: Path) -> tuple[bytes | None, str | None]:
 class Daemon:
     def __init__(self, layout: Layout, once: bool = False, polling: bool = False,
                  settle: float = 2.0, rescan_interval: float = 30.0, retry_backoff: float = RETRY_BACKOFF_SECONDS,
-                 policy: Policy | None = None, rename_delay: float = 0.5):
+                 policy: Policy | None = None, rename_delay: float = 0.5, name: str | None = None,
+                 default_daemon: str | None = None):
         self.layout = layout
+        self.name = name or default_name()
+        self.is_default = (default_daemon or self.name) == self.name  # takes the specs without runs_on
+        self.shared_inbox = default_daemon is not None  # other daemons claim from this inbox too
         self.policy = policy or load_policy(layout.root, layout.inbox)
         self.once = once
         self.polling = polling
@@ -418,11 +423,24 @@ class Daemon:
                                disk_full=disk.is_disk_full(e))
         self._confirm_claims()
 
+    def _for_me(self, name: str) -> bool:
+        """Whether this daemon claims inbox/name: its runs_on names this daemon, or it has none (or cannot be
+        read) and this is the default daemon. Another daemon's file is left alone: no claim, no outbox entry."""
+        data, _ = read_claimed(self.layout.inbox / name)
+        names = addressed_to(data) if data is not None else None
+        mine = self.name in names if names is not None else self.is_default
+        if not mine:
+            self.tracker.leave(name)
+            self.log.info("left_for_another_daemon", file=name, runs_on=names or "(the default daemon)", daemon=self.name)
+        return mine
+
     def _claim(self, name: str, moved_in: bool = False) -> None:
         src = self.layout.inbox / name
         kind = inbox.classify(name)
         if kind == "cancel":
             self._cancel_file(name)
+            return
+        if not self._for_me(name):
             return
         original = inbox.conflict_original(name)
         if kind == "conflict" or (kind == "maybe-conflict" and original and self._was_here(original)):
@@ -472,11 +490,15 @@ class Daemon:
     def _cancel_file(self, name: str) -> None:
         """`JOB.cancel` or `cancel-JOB` dropped into the inbox: cancel for people who only have the folder."""
         ref = inbox.cancel_target(name) or ""
+        active = [j for j in self.db.active() if j.job_id == ref or j.job_id.startswith(ref) or j.name == ref]
+        if not active and self.shared_inbox:  # perhaps another daemon's job: that daemon consumes the file
+            self.tracker.leave(name)
+            self.log.info("cancel_file_left", file=name, reason="no active job here; left for the other daemons")
+            return
         try:
             os.unlink(self.layout.inbox / name)
         except OSError:
             return
-        active = [j for j in self.db.active() if j.job_id == ref or j.job_id.startswith(ref) or j.name == ref]
         if len(active) != 1:
             self.log.warning("cancel_file_ignored", file=name, matches=[j.job_id for j in active],
                              reason="no active job" if not active else "more than one active job matches")
@@ -902,7 +924,8 @@ class Daemon:
             return 1
         try:
             self.store = JobStore(self.layout.store)
-            self.log.info("daemon_started", root=str(self.layout.root), inbox=str(self.layout.inbox),
+            self.log.info("daemon_started", name=self.name, default_daemon=self.is_default, root=str(self.layout.root),
+                          inbox=str(self.layout.inbox),
                           outbox=str(self.layout.outbox), once=self.once, polling=self.polling)
             self.recover()
             ensure_placeholder(self.layout.inbox)
@@ -1050,6 +1073,11 @@ def _tail(path: Path, n: int = 2000) -> str:
             return f.read().decode("utf-8", "replace")
     except OSError:
         return ""
+
+
+def default_name() -> str:
+    """This machine's short host name: what `runs_on` names unless `lorad run --name` says otherwise."""
+    return socket.gethostname().split(".")[0] or "localhost"
 
 
 def run(layout: Layout, **kwargs: Any) -> int:

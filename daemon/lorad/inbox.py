@@ -135,6 +135,7 @@ class InboxTracker:
         self.empty_settle = empty_settle
         self.rename_delay = rename_delay
         self.candidates: dict[str, Candidate] = {}
+        self.left: dict[str, tuple[int, int, int]] = {}  # files for another daemon, as they were when judged
 
     def note(self, name: str, moved_in: bool = False) -> None:
         """A watcher event (or scan hit) for inbox/name."""
@@ -158,6 +159,8 @@ class InboxTracker:
                 self._observe(name)
         for gone in set(self.candidates) - present:
             del self.candidates[gone]
+        for gone in set(self.left) - present:
+            del self.left[gone]
 
     def _observe(self, name: str) -> Candidate | None:
         try:
@@ -169,6 +172,10 @@ class InboxTracker:
             self.candidates.pop(name, None)
             return None
         key = (st.st_size, st.st_mtime_ns, st.st_ino)
+        if self.left.get(name) == key:
+            self.candidates.pop(name, None)
+            return None
+        self.left.pop(name, None)
         cand = self.candidates.get(name)
         now = time.monotonic()
         if cand is None or cand.key != key:
@@ -203,6 +210,15 @@ class InboxTracker:
 
     def forget(self, name: str) -> None:
         self.candidates.pop(name, None)
+
+    def leave(self, name: str) -> None:
+        """A file another daemon will claim: not a candidate here (nor pending) until it changes."""
+        self.candidates.pop(name, None)
+        try:
+            st = os.lstat(self.inbox / name)
+        except OSError:
+            return
+        self.left[name] = (st.st_size, st.st_mtime_ns, st.st_ino)
 
     @property
     def pending(self) -> bool:

@@ -18,10 +18,14 @@ def schema_of(context: str) -> str:
 
 def chat_prompt(tokenizer: Any, content: str) -> str:
     """One user turn as the model's chat template renders it: the text training, evaluation and checks all feed."""
-    messages = [{"role": "user", "content": content}]
+    return messages_prompt(tokenizer, [{"role": "user", "content": content}])
+
+
+def messages_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    """The turns so far, ending where the assistant's answer starts (as mlx-lm's ChatDataset masks them)."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return content
+    return "\n\n".join(str(m["content"]) for m in messages)
 
 
 def gretel_prompt(question: str, context: str, with_context: bool = True) -> str:

@@ -326,6 +326,21 @@ def check_bytes(data: bytes, policy: Any = None) -> SpecResult:
     return SpecResult(apply_defaults(doc), doc, [])
 
 
+def addressed_to(data: bytes) -> list[str] | None:
+    """The daemon names in a spec's `runs_on`, read with the same limits as any spec; None when it has
+    none or cannot be read (the default daemon takes those, and rejects what is invalid)."""
+    try:
+        doc, _ = parse_bytes(data)
+    except SpecError:
+        return None
+    value = doc.get("runs_on") if isinstance(doc, dict) else None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return value
+    return None
+
+
 def check_file(path: Path) -> SpecResult:
     try:
         size = path.stat().st_size

@@ -1,60 +1,175 @@
-"""evaluate: answer held-out questions with the base, the fine-tuned and the GGUF model; score by execution.
+"""evaluate: did the fine-tune get better, and did the GGUF keep it? For every data format.
 
-Greedy answers to the same chat-templated prompts the model was trained on.
-MLX models generate in batches; the GGUF runs in llama.cpp. Each model's
-answers are kept in eval/<model>.jsonl (so a resumed stage skips finished
-models) and scored with `lorad score`'s rules. Writes eval.json, eval_rows.jsonl
-and the report (report.md, loss.png, accuracy.png).
+Three models — the base, the fine-tuned MLX model and the GGUF in llama.cpp — on the same
+held-out rows (evaluate.data, else the job's test split, else its validation split):
+
+- held-out loss and perplexity on the tokens training scores (the completion; all of a text
+  row), from each runtime's own logits on the same token ids;
+- greedy answers to the same prompts training used, up to a length taken from the longest
+  reference (plus a margin), scored against the references (lorad.evalmetrics) and, for
+  text-to-SQL rows, by execution (lorad.score). Answers that hit the limit are counted.
+
+Each model's answers and losses are kept under eval/ so a resumed stage skips finished models.
+Writes eval.json, eval_rows.jsonl and the report (lorad.report).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorad.evalmetrics import generation_summary, loss_summary, metric_value, metrics_for, row_scores
 from lorad.fsutil import atomic_write_json, atomic_write_text
-from lorad.prompts import chat_prompt, gretel_prompt
-from lorad.score import score_rows
+from lorad.prompts import messages_prompt
 from lorad.stages import Interrupted, StageContext, StageFailed
 from lorad.stages.convert import base_path
 from lorad.stages.gguf import llama_cpp_available
 
-MAX_NEW_TOKENS = 76  # the longest gold query in the bundled set is 72 tokens
 BATCH = 16
+TEXT_PREFIX_WORDS = 64  # a text row: the model continues its first half (at most this many words)
+MAX_NEW_TOKENS_CAP = 2048
 
 
-def eval_rows(ctx: StageContext) -> list[dict[str, Any]]:
-    """Held-out gretel rows with the training prompt: evaluate.data, else the job's test split."""
+@dataclass
+class Case:
+    """One held-out row, as each part of the evaluation needs it."""
+
+    row: dict[str, Any]  # the training-format row (mlx-lm's datasets tokenize it for the loss)
+    messages: list[dict[str, Any]] | None  # the turns the model answers; None for a text row
+    prefix: str  # a text row's opening the model continues
+    reference: str  # the answer it should give
+    question: str  # for people: the last user turn, or the text row's opening
+    extra: dict[str, Any] = field(default_factory=dict)  # gretel: sql_context, sql, sql_complexity, id
+
+
+def row_format(row: dict[str, Any]) -> str:
+    if "prompt" in row and "completion" in row:
+        return "gretel" if row.get("sql_context") is not None and row.get("sql") else "completions"
+    if "messages" in row:
+        return "chat"
+    return "text"
+
+
+def to_case(row: dict[str, Any], fmt: str) -> Case | None:
+    """A held-out row → a Case, or None when it has nothing to answer (e.g. a chat not ending with the assistant)."""
+    if fmt in ("gretel", "completions"):
+        extra: dict[str, Any] = {k: row[k] for k in ("id", "sql_context", "sql", "sql_complexity") if k in row}
+        return Case(row, [{"role": "user", "content": row["prompt"]}], "", str(row["completion"]),
+                    str(row["prompt"]), extra)
+    if fmt == "chat":
+        messages = row["messages"]
+        if len(messages) < 2 or messages[-1].get("role") != "assistant":
+            return None
+        users = [m for m in messages[:-1] if m.get("role") == "user"]
+        return Case(row, messages[:-1], "", str(messages[-1]["content"]), str(users[-1]["content"] if users else ""))
+    words = str(row["text"]).split()
+    if len(words) < 2:
+        return None
+    cut = min(len(words) // 2, TEXT_PREFIX_WORDS)
+    prefix = " ".join(words[:cut])
+    return Case(row, None, prefix, " ".join(words[cut:]), prefix)
+
+
+def held_out_rows(ctx: StageContext) -> tuple[list[dict[str, Any]], str]:
+    """Training-format rows to evaluate on, and where they came from."""
     spec = ctx.spec["evaluate"]
-    limit = spec["limit"]
     if spec.get("data"):
-        from lorad.stages.prepare import load_source
+        from lorad.stages.prepare import detect_format, load_source, to_training_row
 
-        source = load_source(spec["data"], ctx.cache_dir)
-        raw = [r for rows in source.values() for r in rows]
-        with_context = ctx.spec["data"].get("with_context", True)
-        rows = [{**r, "prompt": gretel_prompt(str(r["sql_prompt"]), str(r.get("sql_context") or ""), with_context)}
-                for r in raw if r.get("sql_prompt") and r.get("sql")]
-    else:
-        test = ctx.path("data", "test.jsonl")
-        if not test.exists():
-            raise StageFailed("no data/test.jsonl: run prepare, or give evaluate.data")
-        rows = [json.loads(x) for x in test.read_text().splitlines() if x.strip()]
-    rows = [r for r in rows if r.get("sql") and "prompt" in r]
-    if not rows:
-        raise StageFailed("no text-to-SQL rows to evaluate (rows need prompt/sql_prompt, sql_context and sql; "
-                          "evaluate only applies to gretel-format data)")
-    return rows[:limit]
+        raw = [r for rows in load_source(spec["data"], ctx.cache_dir).values() for r in rows if isinstance(r, dict)]
+        if not raw:
+            raise StageFailed(f"evaluate.data {spec['data']!r} has no rows")
+        fmt = ctx.spec["data"].get("format") or detect_format(raw[0])
+        converted = [to_training_row(r, fmt, ctx.spec["data"].get("with_context", True)) for r in raw]
+        return [r for r in converted if r], "evaluate.data"
+    for split in ("test", "valid"):
+        path = ctx.path("data", f"{split}.jsonl")
+        if path.exists():
+            rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            if rows:
+                return rows, split
+    raise StageFailed("no held-out rows: data/test.jsonl and data/valid.jsonl are empty or missing "
+                      "(run prepare with data.test_fraction > 0, or give evaluate.data)")
 
 
-def mlx_answers(model_dir: Path, adapter_dir: Path | None, prompts: list[str], should_stop: Callable[[], bool],
-                log: Any) -> list[str]:
-    from mlx_lm.generate import batch_generate
+def eval_cases(ctx: StageContext) -> tuple[str, list[Case], str]:
+    rows, split = held_out_rows(ctx)
+    fmt = row_format(rows[0])
+    cases = [c for c in (to_case(r, fmt) for r in rows if row_format(r) == fmt) if c is not None]
+    if not cases:
+        raise StageFailed(f"none of the {len(rows)} held-out {fmt} rows has an answer to compare with "
+                          "(a chat row must end with an assistant turn)")
+    return fmt, cases[: ctx.spec["evaluate"]["limit"]], split
 
+
+def token_sequences(cases: list[Case], tokenizer: Any, fmt: str, max_len: int) -> list[tuple[list[int], int]]:
+    """(tokens, first scored position) per row, exactly as training tokenizes and masks it (mlx-lm's datasets)."""
+    from types import SimpleNamespace
+
+    from mlx_lm.tuner.datasets import create_dataset
+
+    dataset = create_dataset([c.row for c in cases], tokenizer, SimpleNamespace(mask_prompt=fmt != "text"))
+    out = []
+    for i in range(len(cases)):
+        tokens, offset = dataset.process(dataset[i])
+        out.append((list(tokens)[:max_len], offset))
+    return out
+
+
+def sequence_losses(sequences: list[tuple[list[int], int]],
+                    nll: Callable[[list[int], int], float]) -> list[tuple[float, int]]:
+    """(summed NLL, scored tokens) per row; nll(tokens, t0) sums -log p(token t+1) over positions t >= t0.
+
+    Positions from offset - 1 on predict a scored token (mlx-lm's default_loss mask).
+    """
+    out = []
+    for tokens, offset in sequences:
+        start = max(offset - 1, 0)
+        count = len(tokens) - 1 - start
+        out.append((nll(tokens, start), count) if count > 0 else (0.0, 0))
+    return out
+
+
+def mlx_losses(model: Any, sequences: list[tuple[list[int], int]]) -> list[tuple[float, int]]:
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    def nll(tokens: list[int], start: int) -> float:
+        x = mx.array([tokens])
+        logits = model(x[:, :-1])[0].astype(mx.float32)
+        return float(nn.losses.cross_entropy(logits[start:], x[0, start + 1:]).sum().item())
+
+    return sequence_losses(sequences, nll)
+
+
+def gguf_losses(gguf: Path, sequences: list[tuple[list[int], int]]) -> list[tuple[float, int]]:
+    """The same NLL from llama.cpp's own logits (logits_all), fed the same token ids."""
+    import llama_cpp
+    import numpy as np
+
+    n_ctx = max(len(t) for t, _ in sequences) + 8
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
+                          n_threads=max(1, os.cpu_count() or 1), verbose=False)
+
+    def nll(tokens: list[int], start: int) -> float:
+        llm.reset()
+        llm.eval(tokens[:-1])
+        logits = np.asarray(llm.scores[start:len(tokens) - 1], dtype=np.float64)
+        top = logits.max(axis=1, keepdims=True)
+        logz = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+        targets = np.asarray(tokens[start + 1:])
+        return float((logz - logits[np.arange(len(targets)), targets]).sum())
+
+    return sequence_losses(sequences, nll)
+
+
+def load_mlx(model_dir: Path, adapter_dir: Path | None, log: Any) -> tuple[Any, Any]:
     from lorad.stages.lora import load_for_training
 
     model, tokenizer, _config, _ = load_for_training(model_dir, log)  # dequantized on a CPU, as in training
@@ -63,97 +178,210 @@ def mlx_answers(model_dir: Path, adapter_dir: Path | None, prompts: list[str], s
 
         model = load_adapters(model, str(adapter_dir))
     model.eval()
-    texts = [chat_prompt(tokenizer, p) for p in prompts]
-    answers: list[str] = []
-    for i in range(0, len(texts), BATCH):
+    return model, tokenizer
+
+
+def prompt_ids(cases: list[Case], tokenizer: Any) -> list[list[int]]:
+    """The token ids every runtime is given: chat turns through the template, text openings as they are."""
+    out = []
+    for c in cases:
+        if c.messages is not None:
+            out.append(tokenizer.encode(messages_prompt(tokenizer, c.messages), add_special_tokens=False))
+        else:
+            out.append(tokenizer.encode(c.prefix))
+    return out
+
+
+def mlx_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new: int,
+                should_stop: Callable[[], bool]) -> list[tuple[str, bool]]:
+    """(answer, hit the limit) per prompt, greedy, in batches."""
+    from mlx_lm.generate import batch_generate
+
+    out: list[tuple[str, bool]] = []
+    for i in range(0, len(prompts), BATCH):
         if should_stop():
             raise Interrupted("stopped during evaluation")
-        batch = [tokenizer.encode(t, add_special_tokens=False) for t in texts[i:i + BATCH]]
-        answers.extend(batch_generate(model, tokenizer, batch, max_tokens=MAX_NEW_TOKENS).texts)
-    return answers
+        r = batch_generate(model, tokenizer, prompts[i:i + BATCH], max_tokens=max_new, return_token_ids=True)
+        out.extend((text, len(ids) >= max_new) for text, ids in zip(r.texts, r.token_ids or []))
+    return out
 
 
-def gguf_answers(gguf: Path, tokenizer_dir: Path, prompts: list[str], should_stop: Callable[[], bool]) -> list[str]:
+def gguf_answers(gguf: Path, prompts: list[list[int]], max_new: int,
+                 should_stop: Callable[[], bool]) -> list[tuple[str, bool]]:
     import llama_cpp
-    from mlx_lm.utils import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_dir)
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=2048, n_threads=max(1, os.cpu_count() or 1), verbose=False)
-    answers = []
-    for prompt in prompts:
+    n_ctx = max(len(p) for p in prompts) + max_new + 8
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=max(n_ctx, 512), n_threads=max(1, os.cpu_count() or 1), verbose=False)
+    out = []
+    for ids in prompts:
         if should_stop():
             raise Interrupted("stopped during evaluation")
-        out = llm.create_completion(chat_prompt(tokenizer, prompt), max_tokens=MAX_NEW_TOKENS, temperature=0.0,
-                                    top_k=1, repeat_penalty=1.0)
-        answers.append(out["choices"][0]["text"])
-    return answers
+        choice = llm.create_completion(ids, max_tokens=max_new, temperature=0.0, top_k=1, repeat_penalty=1.0)["choices"][0]
+        out.append((choice["text"], choice["finish_reason"] == "length"))
+    del llm
+    return out
 
 
-def _cached(path: Path, n: int) -> list[str] | None:
-    if not path.exists():
-        return None
-    answers = [json.loads(x)["prediction"] for x in path.read_text().splitlines() if x.strip()]
-    return answers if len(answers) == n else None
+def answer_length(cases: list[Case], tokenizer: Any, override: int | None) -> tuple[int, str]:
+    """max_new_tokens: the spec's, else the longest reference in tokens plus a quarter (at least 16)."""
+    if override:
+        return override, "evaluate.max_new_tokens"
+    longest = max(len(tokenizer.encode(c.reference, add_special_tokens=False)) for c in cases)
+    return min(MAX_NEW_TOKENS_CAP, longest + max(16, math.ceil(longest / 4))), f"longest reference ({longest} tokens) + margin"
+
+
+@dataclass
+class ModelRun:
+    """How to get one model's losses and answers."""
+
+    losses: Callable[[], list[tuple[float, int]]]
+    answers: Callable[[], list[tuple[str, bool]]]
+    runtime: str
+
+
+def model_runs(ctx: StageContext, sequences: list[tuple[list[int], int]], prompts: list[list[int]],
+               max_new: int) -> dict[str, ModelRun]:
+    base = base_path(ctx)
+    fused, adapters, gguf = ctx.path("fused"), ctx.path("adapters"), ctx.path("model.gguf")
+    base_gguf = json.loads(ctx.path("base_model.json").read_text()).get("gguf") if ctx.path("base_model.json").exists() else None
+    loaded: dict[str, Any] = {}
+
+    def mlx(key: str, model_dir: Path, adapter_dir: Path | None) -> ModelRun:
+        def model() -> tuple[Any, Any]:
+            if key not in loaded:
+                loaded.clear()  # one MLX model in memory at a time
+                loaded[key] = load_mlx(model_dir, adapter_dir, ctx.log)
+            return loaded[key]
+
+        return ModelRun(lambda: mlx_losses(model()[0], sequences),
+                        lambda: mlx_answers(*model(), prompts, max_new, ctx.should_stop), "MLX")
+
+    def llama(path: Path) -> ModelRun:
+        return ModelRun(lambda: gguf_losses(path, sequences),
+                        lambda: gguf_answers(path, prompts, max_new, ctx.should_stop), "llama.cpp")
+
+    runs: dict[str, ModelRun] = {}
+    if base_gguf and Path(base_gguf).exists() and llama_cpp_available():
+        runs["base"] = llama(Path(base_gguf))  # the base came as a GGUF: as its users run it (and ~3x faster on a CPU)
+    else:
+        runs["base"] = mlx("base", base, None)
+    if (fused / "config.json").exists():
+        runs["finetuned"] = mlx("finetuned", fused, None)
+    elif (adapters / "adapters.safetensors").exists():
+        runs["finetuned"] = mlx("finetuned", base, adapters)
+    if gguf.exists():
+        if llama_cpp_available():
+            runs["gguf"] = llama(gguf)
+        else:
+            ctx.log.warning("gguf_eval_skipped", reason="llama-cpp-python is not installed")
+    return runs
+
+
+def _cached(path: Path, key: dict[str, Any]) -> Any:
+    """What an earlier attempt computed under exactly the same settings, else None."""
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            return None
+        if saved.get("key") == key:
+            return saved["value"]
+    return None
+
+
+def _compute(path: Path, key: dict[str, Any], compute: Callable[[], Any]) -> tuple[Any, float | None]:
+    value = _cached(path, key)
+    if value is not None:
+        return value, None
+    t0 = time.time()
+    value = compute()
+    atomic_write_json(path, {"key": key, "value": value})
+    return value, round(time.time() - t0, 2)
 
 
 def run(ctx: StageContext) -> dict[str, str]:
-    from lorad.report import write_report
+    from mlx_lm.utils import load_tokenizer
 
-    rows = eval_rows(ctx)
-    prompts = [r["prompt"] for r in rows]
-    engine = ctx.spec["evaluate"]["engine"]
+    from lorad.report import write_report
+    from lorad.score import score_rows
+
+    spec = ctx.spec["evaluate"]
+    fmt, cases, split = eval_cases(ctx)
+    metrics = metrics_for(fmt, spec.get("metrics"))
+    tokenizer = load_tokenizer(base_path(ctx))
+    max_new, max_new_from = answer_length(cases, tokenizer, spec.get("max_new_tokens"))
+    sequences = token_sequences(cases, tokenizer, fmt, ctx.spec["train"]["max_seq_length"])
+    prompts = prompt_ids(cases, tokenizer)
+    runs = model_runs(ctx, sequences, prompts, max_new)
+    generation = [m for m in metrics if m != "loss"]
+    result: dict[str, Any] = {"format": fmt, "split": split, "rows": len(cases), "metrics": metrics,
+                              "max_new_tokens": max_new, "max_new_tokens_from": max_new_from,
+                              "engine": spec["engine"], "runtimes": {k: r.runtime for k, r in runs.items()},
+                              "base_runtime": "llama.cpp" if runs["base"].runtime == "llama.cpp" else "mlx"}
+    per_row: list[dict[str, Any]] = [{"id": c.extra.get("id"), "question": c.question, "reference": c.reference,
+                                      **({"sql": c.extra["sql"], "sql_complexity": c.extra.get("sql_complexity")}
+                                         if fmt == "gretel" else {})} for c in cases]
     out_dir = ctx.path("eval")
     out_dir.mkdir(exist_ok=True)
-    base = base_path(ctx)
-    fused = ctx.path("fused")
-    adapters = ctx.path("adapters")
-    gguf = ctx.path("model.gguf")
-    base_gguf = json.loads(ctx.path("base_model.json").read_text()).get("gguf")
-    base_runtime = "llama.cpp" if base_gguf and Path(base_gguf).exists() and llama_cpp_available() else "mlx"
-    runners: dict[str, Callable[[], list[str]]] = {}
-    if base_runtime == "llama.cpp":
-        # the base came as a GGUF: answer with it in llama.cpp, as its users run it (and ~3x faster on a CPU)
-        runners["base"] = lambda: gguf_answers(Path(base_gguf), base, prompts, ctx.should_stop)
-    else:
-        runners["base"] = lambda: mlx_answers(base, None, prompts, ctx.should_stop, ctx.log)
-    if (fused / "config.json").exists():
-        runners["finetuned"] = lambda: mlx_answers(fused, None, prompts, ctx.should_stop, ctx.log)
-    elif (adapters / "adapters.safetensors").exists():
-        runners["finetuned"] = lambda: mlx_answers(base, adapters, prompts, ctx.should_stop, ctx.log)
-    if gguf.exists():
-        if llama_cpp_available():
-            runners["gguf"] = lambda: gguf_answers(gguf, fused if fused.exists() else base, prompts, ctx.should_stop)
-        else:
-            ctx.log.warning("gguf_eval_skipped", reason="llama-cpp-python is not installed")
-    result: dict[str, Any] = {"engine": engine, "rows": len(rows), "max_new_tokens": MAX_NEW_TOKENS,
-                              "base_runtime": base_runtime}
-    per_row = [{"id": r.get("id"), "sql_complexity": r.get("sql_complexity"), "question": r.get("prompt"),
-                "sql": r["sql"]} for r in rows]
-    for done, (name, answer) in enumerate(runners.items()):
-        ctx.report_progress({"iteration": done, "iters": len(runners), "model": name})
-        cache = out_dir / f"{name}.jsonl"
-        answers = _cached(cache, len(rows))
-        seconds = None
-        if answers is None:
-            t0 = time.time()
-            answers = answer()
-            seconds = round(time.time() - t0, 2)
-            atomic_write_text(cache, "".join(json.dumps({"prediction": a}) + "\n" for a in answers))
-        summary, scored = score_rows([{**r, "prediction": a} for r, a in zip(rows, answers)], engine)
-        summary["generation_seconds"] = seconds
+    steps = len(runs) * (("loss" in metrics) + bool(generation))
+    done = 0
+    for name, model_run in runs.items():
+        summary: dict[str, Any] = {"runtime": model_run.runtime}
+        if "loss" in metrics:
+            ctx.report_progress({"iteration": done, "iters": steps, "model": name, "task": "loss"})
+            losses, seconds = _compute(out_dir / f"{name}.loss.json", {"rows": len(cases), "tokens": [len(t) for t, _ in sequences]},
+                                       model_run.losses)
+            summary.update(loss_summary([nll for nll, _ in losses], [n for _, n in losses]), loss_seconds=seconds)
+            for row, (nll, n) in zip(per_row, losses):
+                row.setdefault(name, {})["loss"] = round(nll / n, 4) if n else None
+            done += 1
+        if generation:
+            ctx.report_progress({"iteration": done, "iters": steps, "model": name, "task": "answers"})
+            answers, seconds = _compute(out_dir / f"{name}.answers.json", {"rows": len(cases), "max_new_tokens": max_new,
+                                                                           "prompt_tokens": [len(p) for p in prompts]},
+                                        model_run.answers)
+            predictions = [a for a, _ in answers]
+            scores = [row_scores(p.strip(), c.reference.strip(), generation) for p, c in zip(predictions, cases)]
+            summary.update(generation_summary([p.strip() for p in predictions], [c.reference.strip() for c in cases],
+                                              scores, generation))
+            hit = sum(1 for _, h in answers if h)
+            summary["did_not_stop"] = {"count": hit, "rate": round(hit / len(cases), 4)}
+            summary["generation_seconds"] = seconds
+            for row, (prediction, hit_limit), s in zip(per_row, answers, scores):
+                row.setdefault(name, {}).update(prediction=prediction, hit_limit=hit_limit, **s)
+            if "execution" in metrics:
+                execution, scored = score_rows([{**c.extra, "prediction": p} for c, p in zip(cases, predictions)], spec["engine"])
+                summary.update(execution)
+                for row, s in zip(per_row, scored):
+                    row[name].update(pred_sql=s["pred_sql"], match=s["match"], reason=s["reason"])
+            done += 1
         result[name] = summary
-        for row, s in zip(per_row, scored):
-            row[name] = {"prediction": s["prediction"], "pred_sql": s["pred_sql"], "match": s["match"], "reason": s["reason"]}
-        ctx.log.info("evaluated", model=name, execution_accuracy=summary["execution_accuracy"],
-                     ci95=summary["execution_accuracy_ci95"], scored=summary["scored"], seconds=seconds)
-        ctx.report_progress({"iteration": done + 1, "iters": len(runners), "model": name})
-    for a, b in (("finetuned", "base"), ("gguf", "finetuned")):
-        if a in result and b in result and result[a]["execution_accuracy"] is not None and result[b]["execution_accuracy"] is not None:
-            result.setdefault("deltas", {})[f"{a}_minus_{b}"] = round(result[a]["execution_accuracy"] - result[b]["execution_accuracy"], 4)
+        ctx.log.info("evaluated", model=name, **{k: summary.get(k) for k in ("loss", "perplexity", "execution_accuracy")},
+                     **{m: (summary.get(m) or {}).get("value") for m in ("exact_match", "chrf", "rouge_l", "bleu")},
+                     did_not_stop=(summary.get("did_not_stop") or {}).get("count"))
+    ctx.report_progress({"iteration": steps, "iters": steps})
+    result["deltas"] = deltas(result)
     result["rows_file"] = "eval_rows.jsonl"
     atomic_write_text(ctx.path("eval_rows.jsonl"), "".join(json.dumps(r, default=str) + "\n" for r in per_row))
     atomic_write_json(ctx.path("eval.json"), result)
-    ctx.log.info("evaluation_done", deltas=result.get("deltas"))
+    ctx.log.info("evaluation_done", deltas=result["deltas"])
     artifacts = {"eval": "eval.json", "eval_rows": "eval_rows.jsonl"}
     artifacts.update(write_report(ctx, result, per_row))
     return artifacts
+
+
+HEADLINE = ("execution_accuracy", "loss", "perplexity", "exact_match", "chrf", "rouge_l", "bleu")
+
+
+def deltas(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """fine-tuned − base and GGUF − fine-tuned, per metric (lower loss/perplexity is better)."""
+    out: dict[str, dict[str, float]] = {}
+    for a, b in (("finetuned", "base"), ("gguf", "finetuned")):
+        if a in result and b in result:
+            diff = {}
+            for m in HEADLINE:
+                x, y = metric_value(result[a], m)[0], metric_value(result[b], m)[0]
+                if x is not None and y is not None:
+                    diff[m] = round(x - y, 4)
+            out[f"{a}_minus_{b}"] = diff
+    return out

@@ -101,6 +101,16 @@ def adapter_config(train: dict[str, Any], base: Path) -> dict[str, Any]:
     }
 
 
+def is_text_data(data_dir: Path) -> bool:
+    """Plain-text rows have no prompt to mask: every token is trained on (mlx-lm refuses mask_prompt there)."""
+    try:
+        with open(data_dir / "train.jsonl", encoding="utf-8") as f:
+            first = json.loads(f.readline() or "{}")
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and "text" in first and "messages" not in first and "completion" not in first
+
+
 def load_datasets(data_dir: Path, tokenizer: Any, mask_prompt: bool, max_seq_length: int | None = None, log: Any = None):
     """mlx-lm's datasets, without the rows whose completion `max_seq_length` cuts away entirely.
 
@@ -322,10 +332,10 @@ def run(ctx: StageContext) -> dict[str, str]:
     apply_adapters(model, spec_train)
     trainable = sum(v.size for _, v in _flat(model.trainable_parameters()))
     total = sum(v.size for _, v in _flat(model.parameters()))
-    train_set, valid_set, _ = load_datasets(ctx.path("data"), tokenizer, spec_train["mask_prompt"],
-                                            spec_train["max_seq_length"], ctx.log)
+    mask_prompt = spec_train["mask_prompt"] and not is_text_data(ctx.path("data"))
+    train_set, valid_set, _ = load_datasets(ctx.path("data"), tokenizer, mask_prompt, spec_train["max_seq_length"], ctx.log)
     lengths = sorted(len(train_set[i][0]) for i in range(min(len(train_set), 2000)))
-    sparse_head = completion_loss.applies(model, spec_train["mask_prompt"])
+    sparse_head = completion_loss.applies(model, mask_prompt)
     ctx.log.info("training_setup", method=spec_train["method"], qlora=qlora, trainable_params=trainable, world_size=world_size,
                  loss="completion positions only" if sparse_head else "mlx-lm default",
                  total_params=total, train_rows=len(train_set), valid_rows=len(valid_set) if valid_set else 0,
