@@ -227,7 +227,7 @@ def test_completion_loss_equals_mlx_lm_default_loss_and_its_gradients(tmp_path, 
     model, tokenizer, _, _ = load_for_training(model_dir, log=None, train_dequantized=True)
     apply_adapters(model, apply_defaults(make_spec("demo", "x", num_layers=2))["train"])
     model.train()
-    train_set, _, _ = load_datasets(tmp_path / "data", tokenizer, mask_prompt=True)
+    train_set, _ = load_datasets(tmp_path / "data", tokenizer, mask_prompt=True)
     assert completion_loss.applies(model, mask_prompt=True) and not completion_loss.applies(model, mask_prompt=False)
     compared, truncated = 0, 0
     for max_seq in (512, 40):  # 40 cuts some completions short, so they run to the last target

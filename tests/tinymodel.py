@@ -51,7 +51,7 @@ def train_tokenizer(out_dir: Path, template: str = "chatml", vocab_size: int = 4
     return len(fast)
 
 
-def make_tiny_model(out_dir: Path, model_type: str = "llama", template: str = "chatml", seed: int = 0) -> Path:
+def make_tiny_model(out_dir: Path, model_type: str = "llama", template: str = "chatml", seed: int = 0, **overrides) -> Path:
     """A 2-layer model of the given architecture with random weights, loadable by mlx_lm.load."""
     import importlib
 
@@ -74,6 +74,7 @@ def make_tiny_model(out_dir: Path, model_type: str = "llama", template: str = "c
         "max_position_embeddings": 512,
         "tie_word_embeddings": model_type in ("qwen2", "qwen3"),
     }
+    config.update(overrides)
     if model_type == "gemma2":
         config.update(head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
     module = importlib.import_module(f"mlx_lm.models.{ {'mistral': 'llama'}.get(model_type, model_type)}")

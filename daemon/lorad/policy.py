@@ -171,19 +171,14 @@ def from_env() -> Policy | None:
 def spec_problems(spec: dict[str, Any], policy: Policy) -> list[tuple[list[Any], str]]:
     """(JSON path parts, message) for everything in a valid spec that the policy refuses."""
     problems: list[tuple[list[Any], str]] = []
-    for section in ("data", "model"):
-        source = str((spec.get(section) or {}).get("source", ""))
-        if source.startswith("path:"):
+    for parts in (["data", "source"], ["model", "source"], ["evaluate", "data"], ["train", "init_adapters"]):
+        section = spec.get(parts[0])
+        ref = section.get(parts[1]) if isinstance(section, dict) else None
+        if isinstance(ref, str) and ref.startswith("path:"):
             try:
-                policy.resolve_path(source[len("path:"):])
+                policy.resolve_path(ref[len("path:"):])
             except PolicyError as e:
-                problems.append(([section, "source"], str(e)))
-    data_eval = (spec.get("evaluate") or {}).get("data")
-    if isinstance(data_eval, str) and data_eval.startswith("path:"):
-        try:
-            policy.resolve_path(data_eval[len("path:"):])
-        except PolicyError as e:
-            problems.append((["evaluate", "data"], str(e)))
+                problems.append((parts, str(e)))
     host = (spec.get("ollama") or {}).get("host")
     if host:
         try:

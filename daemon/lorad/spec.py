@@ -275,18 +275,31 @@ def _order_problems(doc: dict[str, Any], builder: _Builder) -> list[Problem]:
     return []
 
 
-def _distributed_problems(doc: dict[str, Any], builder: _Builder) -> list[Problem]:
+def _train_problems(doc: dict[str, Any], builder: _Builder) -> list[Problem]:
+    """What the schema cannot say: the batch divides among hosts; checkpoints land on optimizer updates."""
     from lorad.distributed import check_batch
 
     train = doc.get("train") or {}
+    full = apply_defaults(doc)["train"]
+    out = []
     hosts = (train.get("distributed") or {}).get("hosts")
-    if not hosts:
-        return []
-    message = check_batch(apply_defaults(doc)["train"]["batch_size"], hosts)
-    if message is None:
-        return []
-    line, col = _locate(builder, ["train", "batch_size"] if "batch_size" in train else ["train", "distributed"])
-    return [Problem("$.train.batch_size", message, line, col)]
+    message = check_batch(full["batch_size"], hosts) if hosts else None
+    if message:
+        line, col = _locate(builder, ["train", "batch_size"] if "batch_size" in train else ["train", "distributed"])
+        out.append(Problem("$.train.batch_size", message, line, col))
+    accumulate = full["grad_accumulation_steps"]
+    if full["save_every"] % accumulate:
+        line, col = _locate(builder, ["train", "save_every"] if "save_every" in train else ["train", "grad_accumulation_steps"])
+        out.append(Problem("$.train.save_every", f"save_every ({full['save_every']}) must be a multiple of "
+                           f"grad_accumulation_steps ({accumulate}): a checkpoint between updates would lose the "
+                           "gradients gathered so far", line, col))
+    schedule = train.get("lr_schedule")
+    if isinstance(schedule, dict) and schedule.get("name") in ("exponential_decay", "step_decay") and not schedule.get("arguments"):
+        line, col = _locate(builder, ["train", "lr_schedule", "name"])
+        out.append(Problem("$.train.lr_schedule.arguments", f"{schedule['name']} needs its arguments "
+                           "(e.g. exponential_decay: [learning_rate, decay_rate]; step_decay: [learning_rate, "
+                           "decay_rate, step_size])", line, col))
+    return out
 
 
 def apply_defaults(doc: dict[str, Any], schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -318,7 +331,7 @@ def check_bytes(data: bytes, policy: Any = None) -> SpecResult:
     except SpecError as e:
         return SpecResult(None, None, [e.problem])
     problems = builder.problems + _schema_problems(doc, builder) + _order_problems(doc, builder)
-    problems += _distributed_problems(doc, builder) if not problems else []
+    problems += _train_problems(doc, builder) if not problems else []
     problems += _policy_problems(doc, builder, policy) if policy is not None and not problems else []
     problems.sort(key=lambda p: (p.line or 0, p.column or 0))
     if problems:

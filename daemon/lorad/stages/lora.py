@@ -85,6 +85,55 @@ def apply_adapters(model: Any, train: dict[str, Any]) -> None:
         linear_to_lora_layers(model, num_layers, dict(train["lora"]), use_dora=train["method"] == "dora")
 
 
+OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "adafactor": "Adafactor", "muon": "Muon"}
+
+
+def learning_rate(train: dict[str, Any]) -> Any:
+    """The constant learning_rate, or mlx-lm's schedule (warmup, then the named decay) over the optimizer's updates."""
+    schedule = train.get("lr_schedule")
+    if not schedule:
+        return train["learning_rate"]
+    from mlx_lm.tuner.utils import build_schedule
+
+    lr, warmup = train["learning_rate"], schedule.get("warmup", 0)
+    after = max(1, train["iters"] // train["grad_accumulation_steps"] - warmup)
+    defaults = {"cosine_decay": [lr, after, 0.0], "linear_schedule": [lr, 0.0, after]}
+    config = {"name": schedule["name"], "arguments": schedule.get("arguments") or defaults[schedule["name"]],
+              "warmup": warmup, "warmup_init": schedule.get("warmup_init", 0.0)}
+    return build_schedule(config)
+
+
+def build_optimizer(train: dict[str, Any]) -> Any:
+    import mlx.optimizers as optim
+
+    cls = getattr(optim, OPTIMIZERS[train["optimizer"]])
+    try:
+        return cls(learning_rate=learning_rate(train), **train.get("optimizer_config", {}))
+    except TypeError as e:
+        raise StageFailed(f"train.optimizer_config does not fit {train['optimizer']}: {e}") from None
+
+
+def load_init_adapters(model: Any, ref: str) -> Path:
+    """train.init_adapters: earlier adapters as the starting point; every tensor must fit this model's adapters."""
+    import mlx.core as mx
+
+    from lorad.stages.prepare import readable_path
+
+    path = readable_path(ref[len("path:"):])
+    if path.is_dir():
+        path = path / "adapters.safetensors"
+    if not path.is_file():
+        raise StageFailed(f"train.init_adapters: no adapters at {path}")
+    weights = mx.load(str(path))
+    own = dict(_flat(model.trainable_parameters()))
+    wrong = [k for k, v in weights.items() if k not in own or own[k].shape != v.shape]
+    if wrong or not weights:
+        raise StageFailed(f"train.init_adapters {path}: {len(wrong)} of {len(weights)} tensors do not fit this model's "
+                          f"adapters (e.g. {wrong[:2]}); use the same method, rank, keys and num_layers as the job that made them")
+    model.load_weights(list(weights.items()), strict=False)
+    return path
+
+
 def adapter_config(train: dict[str, Any], base: Path) -> dict[str, Any]:
     """adapter_config.json in mlx-lm's shape, so mlx_lm.fuse and mlx_lm.load(adapter_path=...) accept it."""
     num_layers = train["num_layers"]
@@ -117,11 +166,17 @@ def load_datasets(data_dir: Path, tokenizer: Any, mask_prompt: bool, max_seq_len
     Such a row has no token to score: a batch of them divides a zero loss by zero tokens (NaN), and
     one NaN poisons every weight after it.
     """
-    from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
+    from mlx_lm.tuner.datasets import CacheDataset, create_dataset
 
     cfg = SimpleNamespace(mask_prompt=mask_prompt)
+
+    def read_split(name: str) -> Any:  # mlx-lm's datasets; an empty split file (test_fraction: 0) is no split
+        path = data_dir / f"{name}.jsonl"
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+        return create_dataset(rows, tokenizer, cfg) if rows else []
+
     try:
-        train, valid, test = load_local_dataset(data_dir, tokenizer, cfg)
+        train, valid = read_split("train"), read_split("valid")
     except ValueError as e:
         raise StageFailed(f"cannot read {data_dir}: {e}") from None
     if not train:
@@ -140,7 +195,7 @@ def load_datasets(data_dir: Path, tokenizer: Any, mask_prompt: bool, max_seq_len
                                   f"is at least that long: no completion token is left to learn from. Raise "
                                   "train.max_seq_length (see the tokens_max of training_setup in events.jsonl).")
         sets.append(cached if cached is None or len(cached) else None)
-    return sets[0], sets[1], test
+    return sets[0], sets[1]
 
 
 def _scored_rows(dataset: Any, max_seq_length: int) -> tuple[Any, int]:
@@ -262,11 +317,12 @@ class Tracker:
         if self.world_size > 1:
             progress.update(world_size=self.world_size,
                             tokens_per_second_per_rank=round(info["tokens_per_second"] / self.world_size, 1))
-        self._record({"iteration": it, "train_loss": progress["train_loss"], "tokens_per_second": progress["tokens_per_second"]})
+        self._record({"iteration": it, "train_loss": progress["train_loss"], "tokens_per_second": progress["tokens_per_second"],
+                      "learning_rate": progress["learning_rate"], "peak_memory_mb": round(1000 * info["peak_memory"], 1)})
         self.ctx.report_progress(progress)
         if it % self.train["save_every"] == 0:
             self.save(it)
-        if self._stop_requested():
+        if it % self.train["grad_accumulation_steps"] == 0 and self._stop_requested():  # only between updates
             self.save(it)
             raise Interrupted(f"stopped at iteration {it}; checkpoint saved")
 
@@ -312,7 +368,6 @@ class Tracker:
 
 def run(ctx: StageContext) -> dict[str, str]:
     import mlx.core as mx
-    import mlx.optimizers as optim
     import numpy as np
     from mlx_lm.tuner.trainer import TrainingArgs, train
 
@@ -329,11 +384,15 @@ def run(ctx: StageContext) -> dict[str, str]:
         ctx.log.info("lora_already_done")
         return {"adapters": "adapters"}
     model, tokenizer, config, qlora = load_for_training(base, ctx.log)
+    seed = spec_train.get("seed", ctx.spec["data"].get("seed", 0))
+    mx.random.seed(seed)  # the adapters' initial weights
     apply_adapters(model, spec_train)
+    if spec_train.get("init_adapters"):
+        ctx.log.info("init_adapters_loaded", path=str(load_init_adapters(model, spec_train["init_adapters"])))
     trainable = sum(v.size for _, v in _flat(model.trainable_parameters()))
     total = sum(v.size for _, v in _flat(model.parameters()))
     mask_prompt = spec_train["mask_prompt"] and not is_text_data(ctx.path("data"))
-    train_set, valid_set, _ = load_datasets(ctx.path("data"), tokenizer, mask_prompt, spec_train["max_seq_length"], ctx.log)
+    train_set, valid_set = load_datasets(ctx.path("data"), tokenizer, mask_prompt, spec_train["max_seq_length"], ctx.log)
     lengths = sorted(len(train_set[i][0]) for i in range(min(len(train_set), 2000)))
     sparse_head = completion_loss.applies(model, mask_prompt)
     ctx.log.info("training_setup", method=spec_train["method"], qlora=qlora, trainable_params=trainable, world_size=world_size,
@@ -344,7 +403,7 @@ def run(ctx: StageContext) -> dict[str, str]:
     if main:
         (adapter_dir / "adapter_config.json").write_text(json.dumps(adapter_config(spec_train, base), indent=2))
 
-    optimizer = optim.Adam(learning_rate=spec_train["learning_rate"])
+    optimizer = build_optimizer(spec_train)
     state = load_checkpoint(adapter_dir, model, optimizer)
     if state:
         ctx.log.info("training_resumed", iteration=state["iteration"], best_val=state.get("best_val"),
@@ -353,9 +412,8 @@ def run(ctx: StageContext) -> dict[str, str]:
         state = {"iteration": 0, "best_val": None, "best_iteration": None, "evals_since_best": 0}
         if main:
             (adapter_dir / "metrics.jsonl").unlink(missing_ok=True)
-    seed = ctx.spec["data"].get("seed", 0) + state["iteration"]
-    mx.random.seed(seed)
-    np.random.seed(seed)
+    mx.random.seed(seed + state["iteration"])  # batch order and dropout: a resume does not replay the same batches
+    np.random.seed(seed + state["iteration"])
     remaining = spec_train["iters"] - state["iteration"]
     tracker = Tracker(ctx, model, optimizer, adapter_dir, state, world_size, main)
     stopped_early = False
@@ -365,10 +423,12 @@ def run(ctx: StageContext) -> dict[str, str]:
             val_batches=25, steps_per_report=1, steps_per_eval=spec_train["eval_every"],
             steps_per_save=10**9, max_seq_length=spec_train["max_seq_length"],
             adapter_file=str(adapter_dir / ".last.safetensors"),
+            grad_accumulation_steps=spec_train["grad_accumulation_steps"], grad_checkpoint=spec_train["grad_checkpoint"],
         )
         if valid_set is not None and len(valid_set) < args.batch_size:
             valid_set = None
         try:
+            mx.reset_peak_memory()  # the reported peak is training's, not the loading's (or an earlier run's)
             loss_fns = {"loss": completion_loss.loss, "iterate_batches": completion_loss.iterate_batches} if sparse_head else {}
             train(model=model, optimizer=optimizer, train_dataset=train_set, val_dataset=valid_set,
                   args=args, training_callback=tracker, **loss_fns)
