@@ -181,3 +181,14 @@ def test_spec_checks_the_knobs():
     decay = check_bytes(head + b"train: {lr_schedule: {name: exponential_decay}}\n")
     assert decay.problems[0].path == "$.train.lr_schedule.arguments"
     assert not check_bytes(head + b"train: {optimizer: lion}\n").ok
+
+
+def test_validation_lands_on_the_checkpoint_iterations(tmp_path):
+    """eval_every: 4 validates after steps 4 and 8 (mlx-lm alone: before them, on the weights of 3 and 7)."""
+    job = train(tmp_path, "job", iters=8, eval_every=4, save_every=4)
+    assert [m["iteration"] for m in metrics(job) if "val_loss" in m] == [0, 4, 8]
+    from test_stages import events
+
+    saved = [e["iteration"] for e in events(job) if e["event"] == "checkpoint_saved"]
+    best = [e for e in events(job) if e["event"] == "val_loss" and e.get("best")]
+    assert saved == [4, 8] and {e["iteration"] for e in best} <= {0, 4, 8}

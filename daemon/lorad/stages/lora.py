@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -268,6 +269,21 @@ def load_checkpoint(adapter_dir: Path, model: Any, optimizer: Any) -> dict[str, 
     return json.loads((ckpt / "state.json").read_text())
 
 
+class FirstOnly:
+    """The validation set as mlx-lm's train() sees it: there for its first validation (the starting
+    weights), empty once that is reported, so its own pre-step validations (at eval_every − 1 and
+    before the last step) do not run; Tracker validates after the steps instead."""
+
+    def __init__(self, dataset: Any):
+        self.dataset, self.used = dataset, False
+
+    def __len__(self) -> int:
+        return 0 if self.used else len(self.dataset)
+
+    def __getitem__(self, idx: int) -> Any:
+        return self.dataset[idx]
+
+
 class Tracker:
     """The TrainingCallback: progress, checkpoints, best adapters, early stopping, stop requests."""
 
@@ -280,6 +296,11 @@ class Tracker:
         self.world_size, self.main = world_size, main  # only rank 0 writes files
         self.t0 = time.monotonic()
         self.metrics = open(adapter_dir / "metrics.jsonl", "a") if main else None
+        self.validate: Callable[[], float] | None = None  # set by run(): validation on the current weights
+        self.validation_set: FirstOnly | None = None
+
+    def _due(self, it: int, every: int) -> bool:
+        return it % every == 0 or it == self.train["iters"]
 
     def _record(self, row: dict[str, Any]) -> None:
         if self.metrics:
@@ -320,6 +341,10 @@ class Tracker:
         self._record({"iteration": it, "train_loss": progress["train_loss"], "tokens_per_second": progress["tokens_per_second"],
                       "learning_rate": progress["learning_rate"], "peak_memory_mb": round(1000 * info["peak_memory"], 1)})
         self.ctx.report_progress(progress)
+        if self.validate is not None and self._due(it, self.train["eval_every"]):
+            # after the step, so validations land on the checkpoints' iterations (mlx-lm's own run before
+            # step eval_every, on the weights of step eval_every − 1)
+            self.on_val_loss_report({"iteration": info["iteration"], "val_loss": self.validate()})
         if it % self.train["save_every"] == 0:
             self.save(it)
         if it % self.train["grad_accumulation_steps"] == 0 and self._stop_requested():  # only between updates
@@ -329,13 +354,15 @@ class Tracker:
     def on_val_loss_report(self, info: dict[str, Any]) -> None:
         import mlx.core as mx
 
+        if self.validation_set is not None:
+            self.validation_set.used = True  # mlx-lm's first validation is done: the later ones are Tracker's
         it = self.offset + info["iteration"]
         val = float(info["val_loss"])
         if not math.isfinite(val):
             raise StageFailed(f"the validation loss became {val} at iteration {it}; training stopped")
         self.state["last_val"] = round(val, 5)
         self._record({"iteration": it, "val_loss": round(val, 5)})
-        if self.offset and info["iteration"] == 1:
+        if self.offset and info["iteration"] == 0:
             # mlx-lm validates at the first step of every train() call: after a resume that is the
             # checkpoint's own weights again, not a new evaluation, so it does not count toward patience
             self.ctx.log.info("val_loss", iteration=it, val_loss=round(val, 5), resumed=True)
@@ -369,7 +396,7 @@ class Tracker:
 def run(ctx: StageContext) -> dict[str, str]:
     import mlx.core as mx
     import numpy as np
-    from mlx_lm.tuner.trainer import TrainingArgs, train
+    from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 
     spec_train = ctx.spec["train"]
     dist = spec_train.get("distributed")
@@ -420,7 +447,7 @@ def run(ctx: StageContext) -> dict[str, str]:
     if remaining > 0:
         args = TrainingArgs(
             batch_size=spec_train["batch_size"], iters=remaining,
-            val_batches=25, steps_per_report=1, steps_per_eval=spec_train["eval_every"],
+            val_batches=25, steps_per_report=1, steps_per_eval=10**9,  # mlx-lm validates the starting weights; Tracker the rest
             steps_per_save=10**9, max_seq_length=spec_train["max_seq_length"],
             adapter_file=str(adapter_dir / ".last.safetensors"),
             grad_accumulation_steps=spec_train["grad_accumulation_steps"], grad_checkpoint=spec_train["grad_checkpoint"],
@@ -430,6 +457,17 @@ def run(ctx: StageContext) -> dict[str, str]:
         try:
             mx.reset_peak_memory()  # the reported peak is training's, not the loading's (or an earlier run's)
             loss_fns = {"loss": completion_loss.loss, "iterate_batches": completion_loss.iterate_batches} if sparse_head else {}
+            if valid_set is not None:
+                validation = FirstOnly(valid_set)
+                valid_set = validation
+
+                def validate() -> float:
+                    value = evaluate(model=model, dataset=validation.dataset, batch_size=args.batch_size,
+                                     num_batches=args.val_batches, max_seq_length=args.max_seq_length, **loss_fns)
+                    model.train()
+                    return value
+
+                tracker.validate, tracker.validation_set = validate, validation
             train(model=model, optimizer=optimizer, train_dataset=train_set, val_dataset=valid_set,
                   args=args, training_callback=tracker, **loss_fns)
         except EarlyStop as e:
