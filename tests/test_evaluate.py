@@ -197,7 +197,7 @@ def support_row(fmt: str, i: int) -> dict:
     return {"prompt": question, "completion": answer}
 
 
-@pytest.mark.parametrize("fmt", ["chat", "completions"])
+@pytest.mark.parametrize("fmt", ["chat", pytest.param("completions", marks=pytest.mark.slow)])
 def test_the_demo_model_fine_tuned_on_support_chat_beats_its_base_in_mlx_and_in_llama_cpp(tmp_path, fmt, start_daemon):
     """SmolLM2-135M (the demo base, from its GGUF) learns a house style; the daemon measures all three models.
 

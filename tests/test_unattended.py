@@ -370,7 +370,8 @@ def test_a_nan_loss_stops_the_stage_with_its_likely_cause(tmp_path):
 
 
 def test_a_resume_does_not_count_its_first_validation_toward_patience(tmp_path):
-    """mlx-lm validates at the first step of every train() call; after a resume that re-measures the checkpoint."""
+    """mlx-lm validates at the first step of every train() call (reported as iteration 0: the weights
+    before that step); after a resume that re-measures the checkpoint."""
     from lorad.outbox import event_logger
     from lorad.spec import apply_defaults
     from lorad.stages import StageContext
@@ -381,7 +382,7 @@ def test_a_resume_does_not_count_its_first_validation_toward_patience(tmp_path):
     ctx = StageContext(spec=spec, work_dir=tmp_path, cache_dir=tmp_path, log=event_logger(tmp_path, job_id="n"))
     resumed = {"iteration": 40, "best_val": 1.0, "best_iteration": 20, "evals_since_best": 2}
     tracker = Tracker(ctx, model=None, optimizer=None, adapter_dir=tmp_path, state=resumed)
-    tracker.on_val_loss_report({"iteration": 1, "val_loss": 1.5})  # the checkpoint again: not a new evaluation
+    tracker.on_val_loss_report({"iteration": 0, "val_loss": 1.5})  # the checkpoint again: not a new evaluation
     assert tracker.state["evals_since_best"] == 2
     with pytest.raises(EarlyStop):
         tracker.on_val_loss_report({"iteration": 10, "val_loss": 1.5})  # a real one: the third without progress
