@@ -76,19 +76,18 @@ def test_a_resumed_run_continues_the_schedule_where_it_stopped(tmp_path):
     assert resumed == pytest.approx([m["learning_rate"] for m in metrics(whole) if "learning_rate" in m], rel=1e-6)
 
 
-def start_of(job: Path, key: str):
-    """The adapters' initial value: the same seed gives every job here the same start."""
+def initial_adapters(tiny: Path, seed: int) -> dict:
+    """The adapters a job with this seed starts from (the stage seeds MLX before adding them)."""
     import mlx.core as mx
+    from mlx.utils import tree_flatten
 
     from lorad.spec import apply_defaults
     from lorad.stages.lora import apply_adapters, load_for_training
 
-    model, *_ = load_for_training(job.parent / "tiny", None)
-    mx.random.seed(0)
+    model, *_ = load_for_training(tiny, None)
+    mx.random.seed(seed)
     apply_adapters(model, apply_defaults(make_spec("x", "x", num_layers=2))["train"])
-    from mlx.utils import tree_flatten
-
-    return dict(tree_flatten(model.trainable_parameters()))[key]
+    return dict(tree_flatten(model.trainable_parameters()))
 
 
 def test_two_batches_of_two_accumulated_match_one_batch_of_four(tmp_path):
@@ -107,8 +106,9 @@ def test_two_batches_of_two_accumulated_match_one_batch_of_four(tmp_path):
     a, b = weights(whole / "adapters/checkpoint/adapters.safetensors"), weights(accumulated / "adapters/checkpoint/adapters.safetensors")
     import mlx.core as mx
 
+    start = initial_adapters(tmp_path / "tiny", seed=0)  # both jobs: data.seed 0
     for key in a:
-        update_a, update_b = a[key] - start_of(whole, key), b[key] - start_of(accumulated, key)
+        update_a, update_b = a[key] - start[key], b[key] - start[key]
         scale = mx.abs(update_a).max().item()
         assert scale > 1e-3, key  # it trained
         assert mx.abs(update_a - update_b).max().item() < 1e-3 * scale, key  # within 0.1 % of the update
@@ -119,10 +119,15 @@ def test_gradient_checkpointing_lowers_peak_memory(tmp_path):
                  for i in range(16)]
     wider = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8,
              "num_key_value_heads": 8, "head_dim": 32}
+    from mlx_lm.models.llama import TransformerBlock
+
     plain = train(tmp_path, "plain", long_rows, model=wider, iters=2, batch_size=8, num_layers=4, max_seq_length=256)
-    # mlx-lm checkpoints by patching the layer class: run it last in this process
-    checkpointed = train(tmp_path, "ckpt", long_rows, model=wider, iters=2, batch_size=8, num_layers=4, max_seq_length=256,
-                         grad_checkpoint=True)
+    unpatched = TransformerBlock.__call__  # mlx-lm checkpoints by patching the layer class: undo it for later tests
+    try:
+        checkpointed = train(tmp_path, "ckpt", long_rows, model=wider, iters=2, batch_size=8, num_layers=4,
+                             max_seq_length=256, grad_checkpoint=True)
+    finally:
+        TransformerBlock.__call__ = unpatched  # type: ignore[method-assign]
     peak = {name: max(m["peak_memory_mb"] for m in metrics(job) if "peak_memory_mb" in m)
             for name, job in (("plain", plain), ("ckpt", checkpointed))}
     assert peak["ckpt"] < 0.9 * peak["plain"], peak
@@ -131,18 +136,10 @@ def test_gradient_checkpointing_lowers_peak_memory(tmp_path):
 def test_adamw_weight_decay_and_lora_keys_and_seed_do_what_they_say(tmp_path):
     import mlx.core as mx
 
-    from lorad.spec import apply_defaults
-    from lorad.stages.lora import apply_adapters, load_for_training
-
     adam = train(tmp_path, "adam", iters=1, save_every=1, seed=3)
     adamw = train(tmp_path, "adamw", iters=1, save_every=1, seed=3, optimizer="adamw", optimizer_config={"weight_decay": 0.1})
     a, w = weights(adam / "adapters/checkpoint/adapters.safetensors"), weights(adamw / "adapters/checkpoint/adapters.safetensors")
-    model, *_ = load_for_training(tmp_path / "tiny", None)
-    mx.random.seed(3)
-    apply_adapters(model, apply_defaults(make_spec("x", "x", num_layers=2))["train"])
-    from mlx.utils import tree_flatten
-
-    start = dict(tree_flatten(model.trainable_parameters()))
+    start = initial_adapters(tmp_path / "tiny", seed=3)
     for key in a:  # AdamW = Adam plus p ← p·(1 − lr·wd): the first step differs by exactly lr·wd·p₀
         assert mx.allclose(w[key] - a[key], -1e-3 * 0.1 * start[key], atol=1e-7).item(), key
     same_seed = train(tmp_path, "adam-again", iters=1, save_every=1, seed=3)

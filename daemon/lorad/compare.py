@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lorad.evalmetrics import metric_value
-from lorad.report import GENERATION_METRICS, MODEL_LABELS
+from lorad.evalmetrics import REPORTED, SCORES, metric_value
+from lorad.report import MODEL_LABELS
 from lorad.spec import check_file
 
 SETTINGS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
@@ -28,9 +28,6 @@ SETTINGS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
     ("max sequence", lambda s: s["train"]["max_seq_length"]),
     ("GGUF", lambda s: s["gguf"]["outtype"]),
 ]
-# (label, key, lower is better)
-METRICS = [("held-out loss", "loss", True), ("perplexity", "perplexity", True)] + \
-    [(label, key, False) for key, label in GENERATION_METRICS.items()]
 
 
 def load_job(job_dir: Path) -> dict[str, Any]:
@@ -55,7 +52,7 @@ def _setting(job: dict[str, Any], get: Callable[[dict[str, Any]], Any]) -> str:
 def _number(v: float | None, key: str) -> str:
     if v is None:
         return "–"
-    return f"{v:.3f}" if key in ("loss", "perplexity") else f"{100 * v:.1f} %"
+    return f"{100 * v:.1f} %" if key in SCORES else f"{v:.3f}"
 
 
 def compare_table(jobs: list[dict[str, Any]]) -> str:
@@ -70,7 +67,7 @@ def compare_table(jobs: list[dict[str, Any]]) -> str:
         f"{j['training']['best_val_loss']:.3f}" if j["training"].get("best_val_loss") is not None else "–" for j in jobs) + " |")
     lines.append("| evaluated rows | " + " | ".join(str(j["eval"].get("rows", "–")) for j in jobs) + " |")
     for model, model_label in MODEL_LABELS.items():
-        for label, key, lower in METRICS:
+        for key, (label, lower) in REPORTED.items():
             values = [metric_value(j["eval"].get(model) or {}, key)[0] for j in jobs]
             if all(v is None for v in values):
                 continue

@@ -23,7 +23,18 @@ from typing import Any
 
 from lorad.score import wilson
 
-METRICS = ("loss", "exact_match", "chrf", "rouge_l", "bleu", "execution")
+# Every number eval.json reports per model: its label, and whether lower is better. Report, compare
+# and the deltas all read this; the scores after perplexity are proportions (0–1).
+REPORTED = {
+    "loss": ("held-out loss", True),
+    "perplexity": ("perplexity", True),
+    "execution_accuracy": ("execution accuracy", False),
+    "exact_match": ("exact match", False),
+    "chrf": ("chrF", False),
+    "rouge_l": ("ROUGE-L", False),
+    "bleu": ("BLEU", False),
+}
+SCORES = {k: label for k, (label, _) in REPORTED.items() if k not in ("loss", "perplexity")}
 DEFAULT_METRICS = {
     "gretel": ["loss", "execution", "exact_match", "chrf", "rouge_l"],
     "completions": ["loss", "exact_match", "chrf", "rouge_l"],

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lorad.evalmetrics import metric_value
+from lorad.evalmetrics import SCORES, metric_value
 from lorad.fsutil import atomic_write_text
 from lorad.outbox import read_events, seconds_since
 
@@ -60,15 +60,16 @@ def plot_loss(metrics: Path, out: Path) -> bool:
     return True
 
 
-GENERATION_METRICS = {"execution_accuracy": "execution accuracy", "exact_match": "exact match", "chrf": "chrF",
-                      "rouge_l": "ROUGE-L", "bleu": "BLEU"}
+def _present(result: dict[str, Any]) -> tuple[list[str], list[str], bool]:
+    """The models evaluated, the scores any of them has, and whether any has a loss."""
+    models = [m for m in MODEL_LABELS if m in result]
+    shown = [k for k in SCORES if any(metric_value(result[m], k)[0] is not None for m in models)]
+    return models, shown, any(result[m].get("loss") is not None for m in models)
 
 
 def plot_metrics(result: dict[str, Any], out: Path) -> bool:
     """Grouped bars (one group per metric, one bar per model) with 95 % intervals, and held-out loss."""
-    models = [m for m in MODEL_LABELS if m in result]
-    shown = [k for k in GENERATION_METRICS if any(metric_value(result[m], k)[0] is not None for m in models)]
-    has_loss = any(result[m].get("loss") is not None for m in models)
+    models, shown, has_loss = _present(result)
     if not models or not (shown or has_loss):
         return False
     import matplotlib
@@ -95,7 +96,7 @@ def plot_metrics(result: dict[str, Any], out: Path) -> bool:
                     lo.append(100 * (v - ci[0]) if ci else 0)
                     hi.append(100 * (ci[1] - v) if ci else 0)
                 ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, color=colors[m], label=labels[m])
-            ax.set_xticks(range(len(shown)), [GENERATION_METRICS[k] for k in shown])
+            ax.set_xticks(range(len(shown)), [SCORES[k] for k in shown])
             ax.set_ylabel("%")
             ax.set_ylim(0, 105)
             ax.legend(fontsize=8)
@@ -223,10 +224,8 @@ def _fmt(v: float | None, ci: list[float] | None, pct: bool = True) -> str:
 
 def results_section(result: dict[str, Any], labels: dict[str, str]) -> list[str]:
     """One table: every metric of every model, with its 95 % interval."""
-    models = [m for m in MODEL_LABELS if m in result]
-    shown = [k for k in GENERATION_METRICS if any(metric_value(result[m], k)[0] is not None for m in models)]
-    has_loss = any(result[m].get("loss") is not None for m in models)
-    head = ["model"] + (["held-out loss", "perplexity"] if has_loss else []) + [GENERATION_METRICS[k] for k in shown]
+    models, shown, has_loss = _present(result)
+    head = ["model"] + (["held-out loss", "perplexity"] if has_loss else []) + [SCORES[k] for k in shown]
     show_stop = any("did_not_stop" in result[m] for m in models)
     head += ["did not stop"] if show_stop else []
     lines = ["", "## Results", "",
@@ -246,7 +245,7 @@ def results_section(result: dict[str, Any], labels: dict[str, str]) -> list[str]
     lines.append("")
     for name, diff in (result.get("deltas") or {}).items():
         if diff:
-            parts = [f"{GENERATION_METRICS.get(k, k)} {100 * v:+.1f} points" if k in GENERATION_METRICS else f"{k} {v:+.3f}"
+            parts = [f"{SCORES[k]} {100 * v:+.1f} points" if k in SCORES else f"{k} {v:+.3f}"
                      for k, v in diff.items()]
             lines.append(f"- {name.replace('_', ' ')}: " + ", ".join(parts))
     return lines

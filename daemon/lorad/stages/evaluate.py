@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorad.evalmetrics import generation_summary, loss_summary, metric_value, metrics_for, row_scores
+from lorad.evalmetrics import REPORTED, generation_summary, loss_summary, metric_value, metrics_for, row_scores
 from lorad.fsutil import atomic_write_json, atomic_write_text
 from lorad.prompts import messages_prompt
 from lorad.stages import Interrupted, StageContext, StageFailed
 from lorad.stages.convert import base_path
 from lorad.stages.gguf import llama_cpp_available
+from lorad.stages.prepare import prepared_format
 
 BATCH = 16
 TEXT_PREFIX_WORDS = 64  # a text row: the model continues its first half (at most this many words)
@@ -46,14 +47,6 @@ class Case:
     reference: str  # the answer it should give
     question: str  # for people: the last user turn, or the text row's opening
     extra: dict[str, Any] = field(default_factory=dict)  # gretel: sql_context, sql, sql_complexity, id
-
-
-def row_format(row: dict[str, Any]) -> str:
-    if "prompt" in row and "completion" in row:
-        return "gretel" if row.get("sql_context") is not None and row.get("sql") else "completions"
-    if "messages" in row:
-        return "chat"
-    return "text"
 
 
 def to_case(row: dict[str, Any], fmt: str) -> Case | None:
@@ -100,8 +93,8 @@ def held_out_rows(ctx: StageContext) -> tuple[list[dict[str, Any]], str]:
 
 def eval_cases(ctx: StageContext) -> tuple[str, list[Case], str]:
     rows, split = held_out_rows(ctx)
-    fmt = row_format(rows[0])
-    cases = [c for c in (to_case(r, fmt) for r in rows if row_format(r) == fmt) if c is not None]
+    fmt = prepared_format(rows[0])
+    cases = [c for c in (to_case(r, fmt) for r in rows if prepared_format(r) == fmt) if c is not None]
     if not cases:
         raise StageFailed(f"none of the {len(rows)} held-out {fmt} rows has an answer to compare with "
                           "(a chat row must end with an assistant turn)")
@@ -218,7 +211,6 @@ def gguf_answers(gguf: Path, prompts: list[list[int]], max_new: int,
             raise Interrupted("stopped during evaluation")
         choice = llm.create_completion(ids, max_tokens=max_new, temperature=0.0, top_k=1, repeat_penalty=1.0)["choices"][0]
         out.append((choice["text"], choice["finish_reason"] == "length"))
-    del llm
     return out
 
 
@@ -341,9 +333,9 @@ def run(ctx: StageContext) -> dict[str, str]:
                                                                            "prompt_tokens": [len(p) for p in prompts]},
                                         model_run.answers)
             predictions = [a for a, _ in answers]
-            scores = [row_scores(p.strip(), c.reference.strip(), generation) for p, c in zip(predictions, cases)]
-            summary.update(generation_summary([p.strip() for p in predictions], [c.reference.strip() for c in cases],
-                                              scores, generation))
+            stripped, references = [p.strip() for p in predictions], [c.reference.strip() for c in cases]
+            scores = [row_scores(p, r, generation) for p, r in zip(stripped, references)]
+            summary.update(generation_summary(stripped, references, scores, generation))
             hit = sum(1 for _, h in answers if h)
             summary["did_not_stop"] = {"count": hit, "rate": round(hit / len(cases), 4)}
             summary["generation_seconds"] = seconds
@@ -356,8 +348,7 @@ def run(ctx: StageContext) -> dict[str, str]:
                     row[name].update(pred_sql=s["pred_sql"], match=s["match"], reason=s["reason"])
             done += 1
         result[name] = summary
-        ctx.log.info("evaluated", model=name, **{k: summary.get(k) for k in ("loss", "perplexity", "execution_accuracy")},
-                     **{m: (summary.get(m) or {}).get("value") for m in ("exact_match", "chrf", "rouge_l", "bleu")},
+        ctx.log.info("evaluated", model=name, **{m: metric_value(summary, m)[0] for m in REPORTED},
                      did_not_stop=(summary.get("did_not_stop") or {}).get("count"))
     ctx.report_progress({"iteration": steps, "iters": steps})
     result["deltas"] = deltas(result)
@@ -370,16 +361,13 @@ def run(ctx: StageContext) -> dict[str, str]:
     return artifacts
 
 
-HEADLINE = ("execution_accuracy", "loss", "perplexity", "exact_match", "chrf", "rouge_l", "bleu")
-
-
 def deltas(result: dict[str, Any]) -> dict[str, dict[str, float]]:
     """fine-tuned − base and GGUF − fine-tuned, per metric (lower loss/perplexity is better)."""
     out: dict[str, dict[str, float]] = {}
     for a, b in (("finetuned", "base"), ("gguf", "finetuned")):
         if a in result and b in result:
             diff = {}
-            for m in HEADLINE:
+            for m in REPORTED:
                 x, y = metric_value(result[a], m)[0], metric_value(result[b], m)[0]
                 if x is not None and y is not None:
                     diff[m] = round(x - y, 4)

@@ -132,6 +132,15 @@ def detect_format(row: dict[str, Any]) -> str:
                       "set data.format (gretel, completions, chat or text)")
 
 
+def prepared_format(row: dict[str, Any]) -> str:
+    """The format of a row this stage wrote (the inverse of to_training_row's shapes)."""
+    if "prompt" in row and "completion" in row:
+        return "gretel" if row.get("sql_context") is not None and row.get("sql") else "completions"
+    if "messages" in row:
+        return "chat"
+    return "text"
+
+
 def to_training_row(row: dict[str, Any], fmt: str, with_context: bool) -> dict[str, Any] | None:
     """One source row → one mlx-lm row, or None when it is empty."""
     if fmt == "gretel":
