@@ -11,6 +11,8 @@ PY := $(VENV)/bin/python
 DEMO_ROOT ?= $(CURDIR)/demo-root
 STAMP := $(VENV)/.lorad-installed
 PYTEST_ARGS ?=
+# the test process loads OpenBLAS as the daemon's stages do; its libgfortran must be findable at start
+PYTEST := LD_LIBRARY_PATH="$$($(PY) -c 'import pathlib, lorad.accel as a; print(a.blas_env(pathlib.Path("$(abspath $(VENV))")).get("LD_LIBRARY_PATH", ""))')" $(PY) -m pytest
 
 .PHONY: install test test-slow lint demo bench clean
 
@@ -30,10 +32,10 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: lint
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS) tests
+	$(PYTEST) -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS) tests
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -m slow $(PYTEST_ARGS) tests
+	$(PYTEST) -q -p no:cacheprovider -m slow $(PYTEST_ARGS) tests
 
 demo: $(STAMP)
 	$(VENV)/bin/lorad demo --root $(DEMO_ROOT)

@@ -11,6 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from lorad import accel
+
+# The suite's own MLX work runs as the daemon's stages do: on OpenBLAS, loaded before MLX (the
+# Makefile puts its libgfortran on LD_LIBRARY_PATH). Without it a 135M model crawls on MLX's
+# reference BLAS.
+accel.load_openblas()
+
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 
@@ -44,12 +51,12 @@ def statuses(outbox: Path) -> dict[str, dict]:
 
 
 class DaemonProc:
-    def __init__(self, root: Path, args: list[str], env: dict[str, str]):
+    def __init__(self, root: Path, args: list[str], env: dict[str, str], prefix: tuple[str, ...] = ()):
         self.root = root
         self.stderr_path = root.parent / f"daemon-{time.monotonic_ns()}.log"
         self.stderr = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lorad", "run", "--root", str(root), *args],
+        self.proc = subprocess.Popen(  # prefix: e.g. `ip netns exec NS`, which execs the daemon in place
+            [*prefix, sys.executable, "-m", "lorad", "run", "--root", str(root), *args],
             env=env, stdout=self.stderr, stderr=subprocess.STDOUT,
         )
 
@@ -87,7 +94,7 @@ def start_daemon(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, lorad
     procs: list[DaemonProc] = []
 
     def start(*args: str, root: Path | None = None, env: dict[str, str] | None = None,
-              allow_read: tuple[Path, ...] | None = None, **env_extra: str) -> DaemonProc:
+              allow_read: tuple[Path, ...] | None = None, prefix: tuple[str, ...] = (), **env_extra: str) -> DaemonProc:
         """A daemon on root; specs may read the test session's folders (models and rows the tests make);
         allow_read=() keeps the default policy."""
         if allow_read is None:
@@ -96,7 +103,7 @@ def start_daemon(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, lorad
         e.update(env_extra)
         trust = [a for p in allow_read for a in ("--allow-read", str(p))]
         d = DaemonProc(root or tmp_path / "root",
-                       ["--settle", "1.0", "--rescan-interval", "2", "--retry-backoff", "0.5", *trust, *args], e)
+                       ["--settle", "1.0", "--rescan-interval", "2", "--retry-backoff", "0.5", *trust, *args], e, prefix)
         procs.append(d)
         return d
 

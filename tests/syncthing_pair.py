@@ -63,7 +63,7 @@ def _generate(name: str, base: Path, folder: Path) -> Instance:
     return Instance(name, home, folder, device_id, free_port(), free_port(), api_key)
 
 
-def _configure(me: Instance, peer: Instance, folder_id: str) -> None:
+def _configure(me: Instance, peer: Instance, folder_id: str, dials: bool) -> None:
     path = me.home / "config.xml"
     tree = ET.parse(path)
     root = tree.getroot()
@@ -84,7 +84,9 @@ def _configure(me: Instance, peer: Instance, folder_id: str) -> None:
     address.text = f"127.0.0.1:{me.gui_port}"
     device = ET.SubElement(root, "device", id=peer.device_id, name=peer.name, compression="metadata",
                            introducer="false", skipIntroductionRemovals="false", introducedBy="")
-    ET.SubElement(device, "address").text = f"tcp://127.0.0.1:{peer.listen_port}"
+    # Only one side dials: two instances dialling each other at once race ("Failed to exchange Hello
+    # messages", seen in CI on a loaded machine). With discovery off, "dynamic" means "wait to be called".
+    ET.SubElement(device, "address").text = f"tcp://127.0.0.1:{peer.listen_port}" if dials else "dynamic"
     ET.SubElement(device, "paused").text = "false"
     folder = ET.Element("folder", id=folder_id, label=folder_id, path=str(me.folder), type="sendreceive",
                         rescanIntervalS="3600", fsWatcherEnabled="true", fsWatcherDelayS="1", ignorePerms="false",
@@ -104,8 +106,8 @@ class SyncthingPair:
     def __init__(self, base: Path, folder_a: Path, folder_b: Path):
         self.a = _generate("a", base, folder_a)
         self.b = _generate("b", base, folder_b)
-        _configure(self.a, self.b, "lorad")
-        _configure(self.b, self.a, "lorad")
+        _configure(self.a, self.b, "lorad", dials=True)
+        _configure(self.b, self.a, "lorad", dials=False)
         self.logs: list[Path] = []
 
     def __enter__(self) -> SyncthingPair:
@@ -128,7 +130,7 @@ class SyncthingPair:
         assert isinstance(conns, dict)
         return bool(conns.get("connections", {}).get(self.b.device_id, {}).get("connected"))
 
-    def wait_connected(self, timeout: float = 40.0) -> None:
+    def wait_connected(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.connected():

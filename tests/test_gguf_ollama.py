@@ -217,6 +217,7 @@ stages: [prepare, convert, lora, fuse, gguf]
 """
 
 
+@pytest.mark.slow  # 2.5 min (make test-slow): the demo covers the same path; make test keeps the support-chat job
 def test_demo_fine_tuned_to_q8_0_gguf_answers_sql_and_stops(tmp_path, start_daemon):
     """The demo job, shortened and run by the daemon: its q8_0 GGUF answers the held-out question and stops.
 
