@@ -396,3 +396,30 @@ def test_half_written_temp_folders_are_removed_at_start(tmp_path, start_daemon):
     d = start_daemon()
     wait_for(lambda: not leftover.exists(), timeout=20, what="the temp folder removed")
     assert "temp_removed" in d.log
+
+
+def test_a_stage_that_reports_a_retryable_error_is_retried_and_one_that_does_not_fails_at_once(tmp_path, start_daemon,
+                                                                                              rows_file):
+    """The lora stage's lost training host comes back as a reported, retryable error: the daemon's one
+    retry path handles it; an ordinary reported failure is final."""
+    def ended(root: Path, name: str) -> dict:
+        def state():
+            st = by_source(root / "outbox").get(name) or {}
+            return st if st.get("state") in ("succeeded", "failed") else None
+        return wait_for(state, timeout=60, what=f"{name} to end")
+
+    roots = {case: tmp_path / case for case in ("once", "always", "plain")}
+    start_daemon(root=roots["once"], LORAD_STAGE_HOOKS="prepare=stagehooks:retryable_then_fine", HOOK_FAILS="1")
+    start_daemon(root=roots["always"], LORAD_STAGE_HOOKS="prepare=stagehooks:retryable_then_fine", HOOK_FAILS="9")
+    start_daemon(root=roots["plain"], LORAD_STAGE_HOOKS="prepare=stagehooks:plain_failure")
+    for root in roots.values():
+        drop(root / "inbox", "a.yaml", spec_text("a", rows_file))
+    once, always, plain = (ended(roots[c], "a.yaml") for c in ("once", "always", "plain"))
+    assert once["state"] == "succeeded" and once["attempts"] == 2, once
+    (requeued,) = [e for e in events(roots["once"] / "outbox" / once["job_id"]) if e["event"] == "job_requeued"]
+    assert "training host 10.9.9.9 (rank 1) stopped answering (try 1)" in requeued["reason"]
+    assert always["state"] == "failed" and always["attempts"] == 3, always
+    assert always["error"]["type"] == "HostLost" and "gave up after 3 attempts" in always["error"]["message"]
+    assert "(try 3)" in always["error"]["message"] and "retryable" not in always["error"]
+    assert plain["state"] == "failed" and plain["error"]["message"] == "the data has no rows" and plain["attempts"] <= 1
+    assert not [e for e in events(roots["plain"] / "outbox" / plain["job_id"]) if e["event"] == "job_requeued"]

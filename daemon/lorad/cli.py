@@ -60,12 +60,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"lorad: {args.file} was not submitted", file=sys.stderr)
         return 1
     assert result.spec is not None  # ok means a spec with defaults
-    hosts = (result.spec["train"].get("distributed") or {}).get("hosts")
-    if hosts:
+    dist = result.spec["train"].get("distributed") or {}
+    if dist.get("hosts"):
         from lorad.distributed import HostError, check_hosts
 
         try:
-            check_hosts(hosts)
+            check_hosts(dist["hosts"], dist.get("min_hosts"))
         except HostError as e:
             print(f"{args.file}: $.train.distributed.hosts: {e}", file=sys.stderr)
             print(f"lorad: {args.file} was not submitted", file=sys.stderr)

@@ -664,7 +664,7 @@ class Daemon:
         return new
 
     def _retry_or_fail(self, job: Job, stage: str | None, error: dict[str, Any]) -> None:
-        """A stage run was lost (crash, signal, daemon died): retry with backoff, resuming from its
+        """A stage run was lost (crash, signal, daemon died, a training host gone): retry with backoff, resuming from its
         checkpoint, until MAX_ATTEMPTS runs were lost; then the job fails and stays failed."""
         gave_up = job.attempts >= MAX_ATTEMPTS
         attempts = job.attempts if gave_up else job.attempts + 1
@@ -893,22 +893,21 @@ class Daemon:
             log.warning("stage_interrupted", resume="on next start")
             return
         tail = _tail(self.layout.job_dir(cur.job_id) / "logs" / f"{cur.stage}.log")
-        if code > 0 and cur.reported_error:  # the stage said what went wrong
-            stages[cur.stage] = {**record, "state": "failed", "exit": code}
+        if code > 0 and cur.reported_error:  # the stage said what went wrong, and whether to try again
             error = {**cur.reported_error, "stage": cur.stage, "errors": cur.reported_error.get("errors", [])}
-            self._set(job, JobStatus.FAILED, error.get("message", "stage failed"), stages=stages, error=error)
-            return
-        why = exits.explain(code, cur.stage, cur.rusage, stopped_by_us=cur.term_sent_at is not None)
-        error = {"type": "StageCrashed", "message": why.message, "hint": why.hint, "stage": cur.stage,
-                 "errors": [], "log_tail": tail, "exit": code, "peak_rss_bytes": why.peak_rss_bytes}
-        log.error("stage_crashed", reason=why.message, hint=why.hint, exit=code, peak_rss_bytes=why.peak_rss_bytes)
-        if why.retryable:
-            self._project(self.db.update(job.job_id, stages={**stages, cur.stage: {**record, "state": "failed", "exit": code}}))
-            job = self.db.get(job.job_id) or job
-            self._retry_or_fail(job, cur.stage, error)
+            retryable = bool(error.pop("retryable", False))
         else:
-            stages[cur.stage] = {**record, "state": "failed", "exit": code}
-            self._set(job, JobStatus.FAILED, why.message, stages=stages, error=error)
+            why = exits.explain(code, cur.stage, cur.rusage, stopped_by_us=cur.term_sent_at is not None)
+            error = {"type": "StageCrashed", "message": why.message, "hint": why.hint, "stage": cur.stage,
+                     "errors": [], "log_tail": tail, "exit": code, "peak_rss_bytes": why.peak_rss_bytes}
+            log.error("stage_crashed", reason=why.message, hint=why.hint, exit=code, peak_rss_bytes=why.peak_rss_bytes)
+            retryable = why.retryable
+        stages[cur.stage] = {**record, "state": "failed", "exit": code}
+        if retryable:
+            self._project(self.db.update(job.job_id, stages=stages))
+            self._retry_or_fail(self.db.get(job.job_id) or job, cur.stage, error)
+        else:
+            self._set(job, JobStatus.FAILED, error.get("message", "stage failed"), stages=stages, error=error)
 
     # --- the loop ----------------------------------------------------------
     def run(self) -> int:

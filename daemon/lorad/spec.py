@@ -275,18 +275,24 @@ def _order_problems(doc: dict[str, Any], builder: _Builder) -> list[Problem]:
     return []
 
 
-def _train_problems(doc: dict[str, Any], builder: _Builder) -> list[Problem]:
-    """What the schema cannot say: the batch divides among hosts; checkpoints land on optimizer updates."""
+def _train_problems(doc: dict[str, Any], full: dict[str, Any], builder: _Builder) -> list[Problem]:
+    """What the schema cannot say: the batch divides among hosts; checkpoints land on optimizer updates.
+
+    full: the train section with defaults applied."""
     from lorad.distributed import check_batch
 
     train = doc.get("train") or {}
-    full = apply_defaults(doc)["train"]
     out = []
     hosts = (train.get("distributed") or {}).get("hosts")
     message = check_batch(full["batch_size"], hosts) if hosts else None
     if message:
         line, col = _locate(builder, ["train", "batch_size"] if "batch_size" in train else ["train", "distributed"])
         out.append(Problem("$.train.batch_size", message, line, col))
+    min_hosts = (train.get("distributed") or {}).get("min_hosts")
+    if hosts and isinstance(min_hosts, int) and min_hosts > len(hosts):
+        line, col = _locate(builder, ["train", "distributed", "min_hosts"])
+        out.append(Problem("$.train.distributed.min_hosts", f"min_hosts ({min_hosts}) is more than the "
+                           f"{len(hosts)} hosts listed", line, col))
     accumulate = full["grad_accumulation_steps"]
     if full["save_every"] % accumulate:
         line, col = _locate(builder, ["train", "save_every"] if "save_every" in train else ["train", "grad_accumulation_steps"])
@@ -331,12 +337,13 @@ def check_bytes(data: bytes, policy: Any = None) -> SpecResult:
     except SpecError as e:
         return SpecResult(None, None, [e.problem])
     problems = builder.problems + _schema_problems(doc, builder) + _order_problems(doc, builder)
-    problems += _train_problems(doc, builder) if not problems else []
+    full = apply_defaults(doc) if not problems else None
+    problems += _train_problems(doc, full["train"], builder) if full is not None else []
     problems += _policy_problems(doc, builder, policy) if policy is not None and not problems else []
     problems.sort(key=lambda p: (p.line or 0, p.column or 0))
-    if problems:
+    if problems or full is None:
         return SpecResult(None, doc, problems)
-    return SpecResult(apply_defaults(doc), doc, [])
+    return SpecResult(full, doc, [])
 
 
 def addressed_to(data: bytes) -> list[str] | None:

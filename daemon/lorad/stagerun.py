@@ -109,9 +109,9 @@ def run_stage(job_dir: Path, stage: str, cache_dir: Path) -> int:
     spec_path, context, reporter = _run_inputs(job_dir, stage)
     job_id = context.get("job_id", job_dir.name)
     rank = int(os.environ.get("MLX_RANK", "0"))  # set by mlx.launch for a distributed lora stage
-    if rank:  # other ranks keep their own log and report nothing
+    if rank:  # other ranks keep their own log, report nothing, and read the job folder's spec (copied to their host)
         log = event_logger(job_dir, f"logs/{stage}.rank{rank}.jsonl", job_id=job_id, stage=stage, rank=rank)
-        return _run_rank(job_dir, stage, cache_dir, log, spec_path)
+        return _run_rank(job_dir, stage, cache_dir, log, job_dir / "spec.yaml")
     log = event_logger(job_dir, job_id=job_id, stage=stage)
 
     def fail(etype: str, message: str, tb: str | None = None, **extra: Any) -> int:
@@ -147,8 +147,8 @@ def run_stage(job_dir: Path, stage: str, cache_dir: Path) -> int:
         reporter.send(stage_message=str(e), artifacts=e.artifacts)
         return EXIT_SKIPPED
     except StageFailed as e:
-        log.error("stage_failed", error_type="StageFailed", message=str(e))
-        return fail("StageFailed", str(e))
+        log.error("stage_failed", error_type=type(e).__name__, message=str(e), retryable=e.retryable)
+        return fail(type(e).__name__, str(e), retryable=e.retryable)
     except Exception as e:  # noqa: BLE001 - any stage bug becomes a failed job, with its traceback
         if disk.is_disk_full(e):
             free = shutil.disk_usage(job_dir).free if job_dir.exists() else 0
@@ -212,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.stderr = _PlainText(sys.stderr)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # A stage outlives the terminal that started the daemon; a rank on another host must not outlive
+    # its SSH session (mlx.launch's `ssh -tt`: the session's end is a SIGHUP).
+    signal.signal(signal.SIGHUP, signal.SIG_DFL if "MLX_RANK" in os.environ else signal.SIG_IGN)
     args.cache.mkdir(parents=True, exist_ok=True)
     return run_stage(args.job_dir.resolve(), args.stage, args.cache.resolve())
 

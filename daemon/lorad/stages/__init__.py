@@ -34,6 +34,8 @@ class Skipped(Exception):
 class StageFailed(Exception):
     """A failure with a message meant for the user (no traceback needed)."""
 
+    retryable = False  # True: a later attempt, resuming from the checkpoint, may succeed (the daemon retries)
+
 
 @dataclass
 class StageContext:

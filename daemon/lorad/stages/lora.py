@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -153,12 +154,14 @@ def adapter_config(train: dict[str, Any], base: Path) -> dict[str, Any]:
 
 def is_text_data(data_dir: Path) -> bool:
     """Plain-text rows have no prompt to mask: every token is trained on (mlx-lm refuses mask_prompt there)."""
+    from lorad.stages.prepare import prepared_format
+
     try:
         with open(data_dir / "train.jsonl", encoding="utf-8") as f:
             first = json.loads(f.readline() or "{}")
     except (OSError, ValueError):
         return False
-    return isinstance(first, dict) and "text" in first and "messages" not in first and "completion" not in first
+    return isinstance(first, dict) and "text" in first and prepared_format(first) == "text"
 
 
 def load_datasets(data_dir: Path, tokenizer: Any, mask_prompt: bool, max_seq_length: int | None = None, log: Any = None):
@@ -394,16 +397,29 @@ class Tracker:
 
 
 def run(ctx: StageContext) -> dict[str, str]:
+    dist = ctx.spec["train"].get("distributed")
+    if dist and "MLX_RANK" not in os.environ:
+        return run_distributed(ctx, dist)
+    return train_here(ctx, dist)
+
+
+def train_here(ctx: StageContext, dist: dict[str, Any] | None) -> dict[str, str]:
+    """Train in this process: alone (dist None), or as one rank under mlx.launch."""
     import mlx.core as mx
     import numpy as np
     from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 
     spec_train = ctx.spec["train"]
-    dist = spec_train.get("distributed")
-    if dist and "MLX_RANK" not in os.environ:
-        return run_distributed(ctx, dist)
+    watchdog = None
+    if dist:  # a rank under mlx.launch: a vanished host would hang it in the ring's connect or all_sum
+        from lorad.distributed import StallWatchdog, ring_address
+
+        watchdog = StallWatchdog(dist["step_timeout"], ctx.log).start()
     world = mx.distributed.init() if dist else None
     world_size, main = (world.size(), world.rank() == 0) if world else (1, True)
+    if world is not None:
+        ctx.log.info("rank_started", rank=world.rank(), world_size=world_size, host=socket.gethostname(),
+                     ring_address=ring_address(world.rank()))
     base = base_path(ctx)
     adapter_dir = ctx.path("adapters")
     adapter_dir.mkdir(exist_ok=True)
@@ -411,6 +427,8 @@ def run(ctx: StageContext) -> dict[str, str]:
         ctx.log.info("lora_already_done")
         return {"adapters": "adapters"}
     model, tokenizer, config, qlora = load_for_training(base, ctx.log)
+    if watchdog is not None:
+        watchdog.beat()
     seed = spec_train.get("seed", ctx.spec["data"].get("seed", 0))
     mx.random.seed(seed)  # the adapters' initial weights
     apply_adapters(model, spec_train)
@@ -457,6 +475,11 @@ def run(ctx: StageContext) -> dict[str, str]:
         try:
             mx.reset_peak_memory()  # the reported peak is training's, not the loading's (or an earlier run's)
             loss_fns = {"loss": completion_loss.loss, "iterate_batches": completion_loss.iterate_batches} if sparse_head else {}
+            if watchdog is not None:
+                from mlx_lm.tuner.trainer import iterate_batches
+
+                loss_fns["iterate_batches"] = watchdog.wrap(loss_fns.get("iterate_batches", iterate_batches))
+                watchdog.beat()  # loading is done; each batch fetched from here beats
             if valid_set is not None:
                 validation = FirstOnly(valid_set)
                 valid_set = validation
@@ -494,19 +517,20 @@ def run(ctx: StageContext) -> dict[str, str]:
 
 
 def run_distributed(ctx: StageContext, dist: dict[str, Any]) -> dict[str, str]:
-    """Run this stage once per host under mlx.launch and wait; rank 0 writes the outputs."""
+    """Run this stage once per host under mlx.launch and wait; rank 0 (this machine) writes the outputs.
+
+    Each attempt trains on the listed hosts that answer now, if there are min_hosts of them; a
+    host lost before or during training is a HostLost error, which the daemon retries (resuming
+    from rank 0's checkpoint), so a host that comes back joins the next attempt."""
     import subprocess
 
     from lorad import distributed
-
-    hosts, backend = dist["hosts"], dist.get("backend", "ring")
-    problem = distributed.check_batch(ctx.spec["train"]["batch_size"], hosts)
-    if problem:
-        raise StageFailed(problem)
-    adapter_dir = ctx.path("adapters")
-    adapter_dir.mkdir(exist_ok=True)
     from lorad.policy import PolicyError, from_env
 
+    hosts, backend = dist["hosts"], dist["backend"]
+    min_hosts = dist.get("min_hosts", len(hosts))
+    adapter_dir = ctx.path("adapters")
+    adapter_dir.mkdir(exist_ok=True)
     policy = from_env()
     try:
         for host in hosts:
@@ -515,36 +539,113 @@ def run_distributed(ctx: StageContext, dist: dict[str, Any]) -> dict[str, str]:
     except PolicyError as e:
         raise StageFailed(str(e)) from None
     try:
-        distributed.check_hosts(hosts)
-        hostfile = distributed.write_hostfile(ctx.work_dir, hosts, backend)
-        distributed.copy_to_hosts(hosts, [ctx.path("data"), base_path(ctx), ctx.path("spec.yaml"), adapter_dir])
-        cmd = distributed.launch_command(ctx.work_dir, ctx.cache_dir, hostfile, backend, len(hosts))
+        answering, lost = distributed.probe_hosts(hosts)
+        use = distributed.choose_hosts(hosts, answering, ctx.spec["train"]["batch_size"], min_hosts)
+        if lost:
+            ctx.log.warning("hosts_missing", missing=lost, training_on=use, min_hosts=min_hosts)
+        if len(use) == 1:  # the others are lost: no ring to build, train here as one rank
+            ctx.log.info("distributed_launch", world_size=1, hosts=use, backend="none: one host, trained in this process")
+            return train_here(ctx, None)
+        hostfile = distributed.write_hostfile(ctx.work_dir, use, backend, distributed.forwarded_env())
+        distributed.copy_to_hosts(use, [ctx.path("data"), base_path(ctx), ctx.path("spec.yaml"), adapter_dir])
+        cmd = distributed.launch_command(ctx.work_dir, ctx.cache_dir, hostfile, backend, len(use))
+        bin_dir = distributed.ssh_wrapper(ctx.cache_dir / "bin")
+    except distributed.HostUnreachable as e:
+        raise HostLost(f"{e}; {_checkpoint_note(ctx)}") from None
     except distributed.HostError as e:
         raise StageFailed(str(e)) from None
-    ctx.log.info("distributed_launch", world_size=len(hosts), hosts=hosts, backend=backend, hostfile="hostfile.json")
+    ctx.log.info("distributed_launch", world_size=len(use), hosts=use, backend=backend, hostfile="hostfile.json",
+                 ranks=json.loads(hostfile.read_text())["hosts"])
     launch_log = ctx.path("logs", "lora.launch.log")
     launch_log.parent.mkdir(exist_ok=True)
+    start = launch_log.stat().st_size if launch_log.exists() else 0
+    seen = [len(read_events(path)) for path in _rank_logs(ctx, len(use))]
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(launch_log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:  # SIGTERM reaches the local ranks too (one process group): they checkpoint
             time.sleep(0.2)
-    _log_rank_throughput(ctx, len(hosts))
+    distributed.fetch_rank_logs(use, ctx.work_dir)
+    _log_rank_throughput(ctx, len(use), seen)
     if proc.returncode == 0 and (adapter_dir / "done.json").exists():
         return {"adapters": "adapters"}
     if ctx.should_stop():
         raise Interrupted("distributed training stopped; checkpoint saved by rank 0")
-    tail = launch_log.read_text(errors="replace")[-1500:]
-    raise StageFailed(f"distributed training failed (mlx.launch exit {proc.returncode}); see logs/lora.launch.log:\n{tail}")
+    with open(launch_log, "rb") as f:
+        f.seek(start)
+        tail = f.read().decode(errors="replace")
+    lost_host = _lost_host(ctx, use, distributed.ranks_ended(tail), seen)
+    if lost_host:
+        raise HostLost(f"{lost_host}; {_checkpoint_note(ctx)}")
+    raise StageFailed(f"distributed training failed (mlx.launch exit {proc.returncode}); see logs/lora.launch.log:\n{tail[-1500:]}")
 
 
-def _log_rank_throughput(ctx: StageContext, world_size: int) -> None:
-    """Mean iterations/s and tokens/s each rank measured (rank 0 from events.jsonl)."""
+class HostLost(StageFailed):
+    """A training host did not answer, or stopped answering mid-training: a later attempt may succeed."""
+
+    retryable = True
+
+
+def _checkpoint_note(ctx: StageContext) -> str:
+    state = ctx.path("adapters", CHECKPOINT, "state.json")
+    try:
+        iteration = json.loads(state.read_text())["iteration"]
+    except (OSError, ValueError, KeyError):
+        return "no checkpoint yet: the next attempt starts training over"
+    return f"the checkpoint at iteration {iteration} is kept and the next attempt resumes from it"
+
+
+PEER_LOST = ("connection to a peer was lost", "closed by the peer", "Too many send/recv errors")  # the ring's words
+
+
+def _rank_logs(ctx: StageContext, world_size: int) -> list[Path]:
+    """Each rank's event log: rank 0 writes the job's own, the others logs/lora.rank<N>.jsonl."""
+    return [ctx.path("events.jsonl") if rank == 0 else ctx.path("logs", f"lora.rank{rank}.jsonl") for rank in range(world_size)]
+
+
+def _lost_host(ctx: StageContext, hosts: list[str], ended: dict[int, str], seen: list[int]) -> str | None:
+    """Why training stopped, naming the host, when a host was lost (not a bug in training); else None.
+
+    Lost: a host no longer answers SSH; or a remote rank ended by a signal or SSH's 255 while the
+    others failed only because their peer vanished (the ring says so) or their watchdog saw no step.
+    seen: how many events each rank's log held before this attempt."""
+    from lorad import distributed
+
+    failures, stalled = {}, []
+    for rank, path in enumerate(_rank_logs(ctx, len(hosts))):
+        for e in read_events(path)[seen[rank]:]:  # this attempt's events only
+            if e.get("event") == "distributed_stalled":
+                stalled.append(rank)
+            elif e.get("event") == "stage_failed" and e.get("error_type") != "HostLost":
+                failures[rank] = str(e.get("message", ""))
+    if any(not any(words in message for words in PEER_LOST) for message in failures.values()):
+        return None  # a rank failed for its own reason (a bug, bad data), said in its log
+    try:
+        _, unreachable = distributed.probe_hosts(hosts, timeout=5)
+    except distributed.HostError:
+        unreachable = {}
+    if unreachable:
+        names = ", ".join(f"{h} (rank {hosts.index(h)})" for h in unreachable)
+        return f"training host {names} stopped answering during training: {next(iter(unreachable.values()))}"
+    gone = {rank: why for rank, why in ended.items() if rank and why != "exited with code 0"}
+    if gone:
+        rank, why = next(iter(gone.items()))
+        return f"training host {hosts[rank]} (rank {rank}) was lost during training: its rank {why}"
+    if stalled or failures:
+        return (f"training stopped on rank {(stalled or list(failures))[0]}: "
+                + (f"no training step for {ctx.spec['train']['distributed']['step_timeout']} s" if stalled
+                   else "the connection to a peer was lost")
+                + " (a host or the link between them stopped answering)")
+    return None
+
+
+def _log_rank_throughput(ctx: StageContext, world_size: int, seen: list[int]) -> None:
+    """Mean iterations/s and tokens/s each rank measured in this attempt (rank 0 from events.jsonl)."""
     import statistics
 
     per_rank = {}
-    for rank in range(world_size):
-        path = ctx.path("events.jsonl") if rank == 0 else ctx.path("logs", f"lora.rank{rank}.jsonl")
-        rows = [e for e in read_events(path) if e.get("event") == "progress" and e.get("stage") == "lora"
+    for rank, path in enumerate(_rank_logs(ctx, world_size)):
+        rows = [e for e in read_events(path)[seen[rank]:] if e.get("event") == "progress" and e.get("stage") == "lora"
                 and e.get("iterations_per_second")][1:]
         if rows:
             per_rank[rank] = {"iterations_per_second": round(statistics.fmean(r["iterations_per_second"] for r in rows), 4),
