@@ -1,6 +1,7 @@
 """One rank of bench/distributed.py: LoRA steps as mlx-lm's trainer takes them, timed in two parts.
 
 compute: forward + backward of this rank's share of the batch (mx.eval of the gradients);
+wait: a one-number all_sum, so that the ranks start the next part together;
 all_sum: `mlx.nn.average_gradients`, the call mlx-lm's trainer makes on more than one rank.
 Run alone it is the 1-rank baseline; under mlx.launch, one rank per host.
 
@@ -59,13 +60,15 @@ def main() -> None:
         (loss, ntoks), grads = step(model, batch, lengths)
         mx.eval(loss, grads)
         t1 = time.perf_counter()
+        mx.eval(mx.distributed.all_sum(mx.array(1.0)))  # a barrier: the all_sum below then times the transfer,
+        tb = time.perf_counter()  # not the wait for a slower rank
         grads = nn.average_gradients(grads)
         mx.eval(grads)
         t2 = time.perf_counter()
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state)
         if i >= args.warmup:
-            rows.append({"compute_s": t1 - t0, "all_sum_s": t2 - t1, "tokens": int(ntoks.item())})
+            rows.append({"compute_s": t1 - t0, "wait_s": tb - t1, "all_sum_s": t2 - tb, "tokens": int(ntoks.item())})
     grad_bytes = sum(g.nbytes for _, g in tree_flatten(grads))
     if world.rank() == 0:
         args.out.write_text(json.dumps({"world_size": world.size(), "grad_bytes": grad_bytes,
