@@ -36,6 +36,7 @@ LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
 STALLED_EXIT = 76  # a rank's exit status when its watchdog ended it (no step for step_timeout seconds)
 SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=5",
                "-o", "ServerAliveCountMax=3"]  # a dead link ends the session in ~15 s, not at TCP's timeout
+# (ssh keeps the first value it is given for an option: a caller's own -o goes before these)
 FORWARDED_ENV = re.compile(r"^(LORAD_|HF_|OPENBLAS_|OMP_|LD_LIBRARY_PATH$|PYTHONPATH$)")
 NOT_FORWARDED = {"LORAD_RUN_DIR"}  # the daemon's private run folder: rank 0 inherits it, other hosts lack it
 RANK_ENDED = re.compile(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
@@ -101,7 +102,7 @@ def check_host(host: str, python: str = sys.executable, timeout: int = 8) -> str
         from lorad import __version__
 
         return __version__
-    cmd = ["ssh", *SSH_OPTIONS, "-o", f"ConnectTimeout={timeout}", "--", host,
+    cmd = ["ssh", "-o", f"ConnectTimeout={timeout}", *SSH_OPTIONS, "--", host,
            f"{python} -c 'import lorad; print(lorad.__version__)'"]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 5)
@@ -146,8 +147,9 @@ def probe_hosts(hosts: list[str], timeout: int = 8) -> tuple[list[str], dict[str
 def choose_hosts(hosts: list[str], answering: list[str], batch_size: int, min_hosts: int) -> list[str]:
     """The hosts this attempt trains on: this machine first (rank 0 writes the outputs), then the
     answering others, as many as divide the batch. HostUnreachable when fewer than min_hosts remain."""
-    ordered = sorted((h for h in hosts if h in answering), key=lambda h: not is_local(h))
-    if ordered and not is_local(ordered[0]):
+    local = {h: is_local(h) for h in answering}
+    ordered = sorted((h for h in hosts if h in answering), key=lambda h: not local[h])
+    if ordered and not local[ordered[0]]:
         raise HostError(f"none of the hosts {hosts} is this machine: rank 0 runs here and writes the job's outputs; "
                         "add this machine's name or address to train.distributed.hosts")
     count = len(ordered)
@@ -180,13 +182,14 @@ def hostfile(hosts: list[str], backend: str, env: dict[str, str] | None = None) 
     All-local jobs run on 127.0.0.1 (mlx.launch starts those without SSH). Otherwise each rank
     gets the address the others reach it on: a remote host's resolved address; for this machine,
     its listed address, or the one on the route to the first remote host."""
-    if all(is_local(h) for h in hosts):
+    local = [is_local(h) for h in hosts]  # each a name lookup and a bind: once per host
+    if all(local):
         entries = [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]} for _ in hosts]
     else:
-        remote_ips = [_resolve(h) for h in hosts if not is_local(h)]
+        remote_ips = [_resolve(h) for h, here in zip(hosts, local) if not here]
         entries = []
-        for host in hosts:
-            if is_local(host):
+        for host, here in zip(hosts, local):
+            if here:
                 listed = _resolve(host)
                 ip = listed if not listed.startswith("127.") else _route_source(remote_ips[0])
                 entries.append({"ssh": "127.0.0.1", "ips": [ip]})
@@ -291,10 +294,13 @@ def launch_command(job_dir: Path, cache_dir: Path, hostfile_path: Path, backend:
             "-m", "lorad.stagerun", str(job_dir), "lora", "--cache", str(cache_dir)]
 
 
-def write_hostfile(job_dir: Path, hosts: list[str], backend: str, env: dict[str, str] | None = None) -> Path:
+def write_hostfile(job_dir: Path, hosts: list[str], backend: str,
+                   env: dict[str, str] | None = None) -> tuple[Path, list[dict[str, Any]]]:
+    """(the hostfile's path, its ranks)."""
     path = job_dir / "hostfile.json"
-    path.write_text(json.dumps(hostfile(hosts, backend, env), indent=2))
-    return path
+    content = hostfile(hosts, backend, env)
+    path.write_text(json.dumps(content, indent=2))
+    return path, content["hosts"]
 
 
 def ring_address(rank: int) -> str | None:

@@ -73,12 +73,17 @@ def seconds_since(iso: str) -> float:
     return round((datetime.now(timezone.utc) - started).total_seconds(), 3)
 
 
-def read_events(path: Path) -> list[dict[str, Any]]:
-    """The events of a job log (events.jsonl or a rank's log); a line cut short by a crash is skipped."""
-    if not path.exists():
+def read_events(path: Path, offset: int = 0) -> list[dict[str, Any]]:
+    """The events of a job log (events.jsonl or a rank's log) from byte offset on; a line cut short
+    by a crash is skipped."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except FileNotFoundError:
         return []
     events = []
-    for line in path.read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         try:
             events.append(json.loads(line))
         except ValueError:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lorad.evalmetrics import SCORES, metric_value
+from lorad.evalmetrics import REPORTED, SCORES, metric_value
 from lorad.fsutil import atomic_write_text
 from lorad.outbox import read_events, seconds_since
 
@@ -225,7 +225,7 @@ def _fmt(v: float | None, ci: list[float] | None, pct: bool = True) -> str:
 def results_section(result: dict[str, Any], labels: dict[str, str]) -> list[str]:
     """One table: every metric of every model, with its 95 % interval."""
     models, shown, has_loss = _present(result)
-    head = ["model"] + (["held-out loss", "perplexity"] if has_loss else []) + [SCORES[k] for k in shown]
+    head = ["model"] + ([REPORTED[k][0] for k in ("loss", "perplexity")] if has_loss else []) + [SCORES[k] for k in shown]
     show_stop = any("did_not_stop" in result[m] for m in models)
     head += ["did not stop"] if show_stop else []
     lines = ["", "## Results", "",

@@ -546,7 +546,7 @@ def run_distributed(ctx: StageContext, dist: dict[str, Any]) -> dict[str, str]:
         if len(use) == 1:  # the others are lost: no ring to build, train here as one rank
             ctx.log.info("distributed_launch", world_size=1, hosts=use, backend="none: one host, trained in this process")
             return train_here(ctx, None)
-        hostfile = distributed.write_hostfile(ctx.work_dir, use, backend, distributed.forwarded_env())
+        hostfile, ranks = distributed.write_hostfile(ctx.work_dir, use, backend, distributed.forwarded_env())
         distributed.copy_to_hosts(use, [ctx.path("data"), base_path(ctx), ctx.path("spec.yaml"), adapter_dir])
         cmd = distributed.launch_command(ctx.work_dir, ctx.cache_dir, hostfile, backend, len(use))
         bin_dir = distributed.ssh_wrapper(ctx.cache_dir / "bin")
@@ -555,26 +555,27 @@ def run_distributed(ctx: StageContext, dist: dict[str, Any]) -> dict[str, str]:
     except distributed.HostError as e:
         raise StageFailed(str(e)) from None
     ctx.log.info("distributed_launch", world_size=len(use), hosts=use, backend=backend, hostfile="hostfile.json",
-                 ranks=json.loads(hostfile.read_text())["hosts"])
+                 ranks=ranks)
     launch_log = ctx.path("logs", "lora.launch.log")
     launch_log.parent.mkdir(exist_ok=True)
-    start = launch_log.stat().st_size if launch_log.exists() else 0
-    seen = [len(read_events(path)) for path in _rank_logs(ctx, len(use))]
+    logs = [launch_log, *_rank_logs(ctx, len(use))]
+    start = [path.stat().st_size if path.exists() else 0 for path in logs]  # this attempt's part begins here
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(launch_log, "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:  # SIGTERM reaches the local ranks too (one process group): they checkpoint
             time.sleep(0.2)
     distributed.fetch_rank_logs(use, ctx.work_dir)
-    _log_rank_throughput(ctx, len(use), seen)
+    rank_events = [read_events(path, offset) for path, offset in zip(logs[1:], start[1:])]
+    _log_rank_throughput(ctx, rank_events)
     if proc.returncode == 0 and (adapter_dir / "done.json").exists():
         return {"adapters": "adapters"}
     if ctx.should_stop():
         raise Interrupted("distributed training stopped; checkpoint saved by rank 0")
     with open(launch_log, "rb") as f:
-        f.seek(start)
+        f.seek(start[0])
         tail = f.read().decode(errors="replace")
-    lost_host = _lost_host(ctx, use, distributed.ranks_ended(tail), seen)
+    lost_host = _lost_host(ctx, use, distributed.ranks_ended(tail), rank_events)
     if lost_host:
         raise HostLost(f"{lost_host}; {_checkpoint_note(ctx)}")
     raise StageFailed(f"distributed training failed (mlx.launch exit {proc.returncode}); see logs/lora.launch.log:\n{tail[-1500:]}")
@@ -603,17 +604,17 @@ def _rank_logs(ctx: StageContext, world_size: int) -> list[Path]:
     return [ctx.path("events.jsonl") if rank == 0 else ctx.path("logs", f"lora.rank{rank}.jsonl") for rank in range(world_size)]
 
 
-def _lost_host(ctx: StageContext, hosts: list[str], ended: dict[int, str], seen: list[int]) -> str | None:
+def _lost_host(ctx: StageContext, hosts: list[str], ended: dict[int, str], rank_events: list[list[dict[str, Any]]]) -> str | None:
     """Why training stopped, naming the host, when a host was lost (not a bug in training); else None.
 
     Lost: a host no longer answers SSH; or a remote rank ended by a signal or SSH's 255 while the
     others failed only because their peer vanished (the ring says so) or their watchdog saw no step.
-    seen: how many events each rank's log held before this attempt."""
+    rank_events: each rank's events from this attempt."""
     from lorad import distributed
 
     failures, stalled = {}, []
-    for rank, path in enumerate(_rank_logs(ctx, len(hosts))):
-        for e in read_events(path)[seen[rank]:]:  # this attempt's events only
+    for rank, events in enumerate(rank_events):
+        for e in events:
             if e.get("event") == "distributed_stalled":
                 stalled.append(rank)
             elif e.get("event") == "stage_failed" and e.get("error_type") != "HostLost":
@@ -639,13 +640,14 @@ def _lost_host(ctx: StageContext, hosts: list[str], ended: dict[int, str], seen:
     return None
 
 
-def _log_rank_throughput(ctx: StageContext, world_size: int, seen: list[int]) -> None:
+def _log_rank_throughput(ctx: StageContext, rank_events: list[list[dict[str, Any]]]) -> None:
     """Mean iterations/s and tokens/s each rank measured in this attempt (rank 0 from events.jsonl)."""
     import statistics
 
+    world_size = len(rank_events)
     per_rank = {}
-    for rank, path in enumerate(_rank_logs(ctx, world_size)):
-        rows = [e for e in read_events(path)[seen[rank]:] if e.get("event") == "progress" and e.get("stage") == "lora"
+    for rank, events in enumerate(rank_events):
+        rows = [e for e in events if e.get("event") == "progress" and e.get("stage") == "lora"
                 and e.get("iterations_per_second")][1:]
         if rows:
             per_rank[rank] = {"iterations_per_second": round(statistics.fmean(r["iterations_per_second"] for r in rows), 4),
