@@ -243,6 +243,46 @@ def test_completion_loss_equals_mlx_lm_default_loss_and_its_gradients(tmp_path, 
     assert compared == 8 and truncated > 0
 
 
+def test_batches_group_rows_by_token_count_and_pad_less_than_mlx_lm(tmp_path):
+    """mlx-lm 0.32 sorts rows by their key count (so its batches mix lengths); lorad's are sorted by tokens."""
+    import random
+    from types import SimpleNamespace
+
+    import numpy as np
+    from mlx_lm.tuner.trainer import iterate_batches as mlx_lm_batches
+
+    from lorad import completion_loss
+    from lorad.stages.lora import load_datasets, load_for_training
+
+    model_dir = tinymodel.make_tiny_model(tmp_path / "llama", "llama")
+    rows = [{"prompt": "word " * random.Random(i).randrange(2, 60), "completion": f"answer {i}"} for i in range(48)]
+    write_rows(tmp_path / "data/train.jsonl", rows)
+    _, tokenizer, _, _ = load_for_training(model_dir, log=None, train_dequantized=True)
+    train_set, _ = load_datasets(tmp_path / "data", tokenizer, mask_prompt=True)
+    lengths = [completion_loss.token_length(train_set[i]) for i in range(len(train_set))]
+
+    def padding(batches) -> int:
+        return sum(int(batch.shape[0] * (batch.shape[1] - 1) - (np.array(pairs)[:, 1] - 1).sum()) for batch, pairs, *_ in batches)
+
+    np.random.seed(7)
+    ours = list(completion_loss.iterate_batches(train_set, 4, 512, scored=False))
+    np.random.seed(7)
+    theirs = list(mlx_lm_batches(train_set, 4, 512))
+    plan = completion_loss.batch_plan(lengths, 4)
+    np.random.seed(7)
+    expected = [plan[i] for i in np.random.permutation(len(plan))]
+    assert [sorted(np.array(p)[:, 1].tolist()) for _, p in ours] == [sorted(lengths[j] for j in b) for b in expected]
+    assert sorted(j for b in plan for j in b) == list(range(48))  # each row once an epoch
+    assert all((batch.shape[1] - 1) % completion_loss.PAD_BATCH_TO == 0 for batch, _ in ours)
+    assert padding(ours) * 3 < padding(theirs), (padding(ours), padding(theirs))
+
+    ranks = [list(completion_loss.iterate_batches(train_set, 4, 512, seed=3, scored=False,
+                                                  comm_group=SimpleNamespace(rank=lambda r=r: r, size=lambda: 2)))
+             for r in (0, 1)]
+    for (_, pa), (_, pb), whole in zip(*ranks, [plan[i] for i in np.random.RandomState(3).permutation(len(plan))]):
+        assert sorted(np.array(pa)[:, 1].tolist() + np.array(pb)[:, 1].tolist()) == sorted(lengths[j] for j in whole)
+
+
 def test_qlora_base_fuses_dequantized(tmp_path, tiny):
     src = write_rows(tmp_path / "rows.jsonl", [ROWS["completions"](i) for i in range(24)])
     spec = make_spec(f"path:{tiny}", f"path:{src}")

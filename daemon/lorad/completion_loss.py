@@ -1,5 +1,12 @@
-"""The training loss, computing the vocabulary projection only where the loss looks.
+"""Training batches grouped by length, and a loss that projects onto the vocabulary only where it looks.
 
+Batches: mlx-lm 0.32 means to group rows of similar length (so little of a batch is
+padding), but it sorts by `CacheDataset.itemlen`, which is the raw row's key count,
+not its token count: its batches are file order, and on the demo data a third of
+every batch is padding. Here rows are sorted by their token count, batches padded
+to a multiple of 8, and the order of batches shuffled as mlx-lm shuffles them.
+
+Loss:
 With `mask_prompt` only completion tokens are scored, yet mlx-lm's default loss
 projects every position onto the whole vocabulary (SmolLM2: 576 × 49,152 per
 token, about a fifth of a training step on a CPU) and then masks most of it
@@ -21,6 +28,7 @@ import numpy as np
 # Models whose logits are exactly `head(model.model(inputs))`, as mlx-lm defines them.
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 PAD_TO = 32
+PAD_BATCH_TO = 8  # a batch's width; mlx-lm pads to 32, which here pads a 129-token batch to 161
 
 
 def applies(model: Any, mask_prompt: bool) -> bool:
@@ -42,14 +50,47 @@ def scored_positions(batch_shape: tuple[int, int], lengths: np.ndarray) -> tuple
     return np.array(index + [0] * (padded - count), np.int32), weights
 
 
-def iterate_batches(dataset: Any, batch_size: int, max_seq_length: int, **kwargs: Any) -> Iterator[tuple]:
-    """mlx-lm's batches, each with the positions the loss scores."""
-    import mlx.core as mx
-    from mlx_lm.tuner.trainer import iterate_batches as mlx_iterate_batches
+def token_length(item: Any) -> int:
+    return len(item[0]) if isinstance(item, tuple) else len(item)
 
-    for batch, lengths in mlx_iterate_batches(dataset, batch_size, max_seq_length, **kwargs):
-        index, weights = scored_positions(batch.shape, np.array(lengths))
-        yield batch, lengths, mx.array(index), mx.array(weights)
+
+def batch_plan(lengths: list[int], batch_size: int, offset: int = 0, step: int = 1) -> list[list[int]]:
+    """Row indices of each batch: rows sorted by token count, cut into consecutive batches (a rank takes every step-th row)."""
+    if len(lengths) < batch_size:
+        raise ValueError(f"Dataset must have at least batch_size={batch_size} examples but only has {len(lengths)}.")
+    if batch_size % step != 0:
+        raise ValueError("The batch size must be divisible by the number of workers")
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[i + offset: i + offset + batch_size: step] for i in range(0, len(order) - batch_size + 1, batch_size)]
+
+
+def iterate_batches(dataset: Any, batch_size: int, max_seq_length: int, loop: bool = False, seed: int | None = None,
+                    comm_group: Any = None, scored: bool = True) -> Iterator[tuple]:
+    """mlx-lm's iterate_batches with length-sorted batches; with `scored`, each batch also carries the positions the loss scores."""
+    import mlx.core as mx
+
+    offset, step = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
+    plan = batch_plan([token_length(dataset[i]) for i in range(len(dataset))], batch_size, offset, step)
+    if seed is not None:
+        np.random.seed(seed)
+    while True:
+        for i in np.random.permutation(len(plan)):  # the same draws as mlx-lm: a seeded run shuffles batches alike
+            items = [dataset[j] for j in plan[i]]
+            rows = [item[0] if isinstance(item, tuple) else item for item in items]
+            offsets = [item[1] if isinstance(item, tuple) else 0 for item in items]
+            lengths = [min(len(r), max_seq_length) for r in rows]
+            width = min(1 + PAD_BATCH_TO * -(-max(lengths) // PAD_BATCH_TO), max_seq_length)
+            array = np.zeros((len(rows), width), np.int32)
+            for j, row in enumerate(rows):
+                array[j, :lengths[j]] = row[:lengths[j]]
+            pairs = np.array(list(zip(offsets, lengths)))
+            if scored:
+                index, weights = scored_positions(array.shape, pairs)
+                yield mx.array(array), mx.array(pairs), mx.array(index), mx.array(weights)
+            else:
+                yield mx.array(array), mx.array(pairs)
+        if not loop:
+            break
 
 
 def loss(model: Any, batch: Any, lengths: Any, index: Any, weights: Any) -> tuple[Any, Any]:

@@ -19,6 +19,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -342,6 +343,7 @@ class Tracker:
             progress.update(world_size=self.world_size,
                             tokens_per_second_per_rank=round(info["tokens_per_second"] / self.world_size, 1))
         self._record({"iteration": it, "train_loss": progress["train_loss"], "tokens_per_second": progress["tokens_per_second"],
+                      "step_seconds": round(1 / info["iterations_per_second"], 4),  # one step a report
                       "learning_rate": progress["learning_rate"], "peak_memory_mb": round(1000 * info["peak_memory"], 1)})
         self.ctx.report_progress(progress)
         if self.validate is not None and self._due(it, self.train["eval_every"]):
@@ -474,11 +476,10 @@ def train_here(ctx: StageContext, dist: dict[str, Any] | None) -> dict[str, str]
             valid_set = None
         try:
             mx.reset_peak_memory()  # the reported peak is training's, not the loading's (or an earlier run's)
-            loss_fns = {"loss": completion_loss.loss, "iterate_batches": completion_loss.iterate_batches} if sparse_head else {}
+            batches = partial(completion_loss.iterate_batches, scored=sparse_head)
+            loss_fns: dict[str, Any] = {"iterate_batches": batches, **({"loss": completion_loss.loss} if sparse_head else {})}
             if watchdog is not None:
-                from mlx_lm.tuner.trainer import iterate_batches
-
-                loss_fns["iterate_batches"] = watchdog.wrap(loss_fns.get("iterate_batches", iterate_batches))
+                loss_fns["iterate_batches"] = watchdog.wrap(batches)
                 watchdog.beat()  # loading is done; each batch fetched from here beats
             if valid_set is not None:
                 validation = FirstOnly(valid_set)
