@@ -67,7 +67,7 @@ def main() -> None:
     print(f"  {'total':28s} {block:7.2f} ms  (GEMMs {100 * gemm_ms / block:.0f} %)")
     gemm_flops = 2 * tokens * HIDDEN * (2 * HIDDEN + 2 * KV_HEADS * HEAD_DIM + 3 * MLP)
     big = mx.random.normal((2048, 2048))
-    peak = 2 * 2048**3 / (ms(lambda: big @ big, 10) / 1000)
+    peak = max(2 * 2048**3 / (ms(lambda: big @ big, 10) / 1000) for _ in range(3))  # the best of three: a busy moment is not the peak
     print(f"GEMMs of a block: {gemm_flops / gemm_ms / 1e6:.0f} GFLOP/s; 2048² peak {peak / 1e9:.0f} GFLOP/s")
     exp_ms = ms(lambda: mx.exp(h))
     array = np.array(h)
