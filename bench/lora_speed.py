@@ -108,31 +108,33 @@ def scored(batch: dict[str, Any]) -> int:
     return sum(min(length, batch["width"] - 1) - max(offset, 1) + 1 for offset, length in batch["pairs"])
 
 
-def batches(base: Path, data: Path, n: int, mlx_lm_order: bool) -> list[dict[str, Any]]:
+def training_rows(base: Path, data: Path) -> Any:
+    """The training rows as the lora stage reads them (tokenized, with prompt lengths)."""
+    from mlx_lm.utils import load_tokenizer
+
+    from lorad.stages.lora import load_datasets
+
+    train_set, _ = load_datasets(data, load_tokenizer(str(base)), True, MAX_SEQ)
+    assert len(train_set) == len((data / "train.jsonl").read_text().splitlines()), "rows were dropped: indices would shift"
+    return train_set
+
+
+def batches(train_set: Any, n: int, mlx_lm_order: bool) -> list[dict[str, Any]]:
     """The first n batches a seeded run trains on: row indices, (prompt, length) pairs, width; lorad's or mlx-lm's order."""
     import numpy as np
     from mlx_lm.tuner.trainer import iterate_batches as mlx_lm_batches
-    from mlx_lm.utils import load
 
-    from lorad.completion_loss import PAD_BATCH_TO, batch_plan, token_length
-    from lorad.stages.lora import load_datasets
+    from lorad.completion_loss import batch_width, planned_batches, token_length
 
-    _, tokenizer = load(str(base))
-    train_set, _ = load_datasets(data, tokenizer, True, MAX_SEQ)
-    assert len(train_set) == len((data / "train.jsonl").read_text().splitlines()), "rows were dropped: indices would shift"
     np.random.seed(SEED)
+    out = []
     if mlx_lm_order:
-        out = []
         for _, (array, pairs) in zip(range(n), mlx_lm_batches(train_set, BATCH, MAX_SEQ, loop=True)):
             out.append({"rows": None, "pairs": np.array(pairs).tolist(), "width": array.shape[1]})
         return out
-    plan = batch_plan([token_length(train_set[i]) for i in range(len(train_set))], BATCH)
-    order = np.random.permutation(len(plan))[:n]
-    out = []
-    for i in order:
-        pairs = [[train_set[j][1], min(token_length(train_set[j]), MAX_SEQ)] for j in plan[i]]
-        width = min(1 + PAD_BATCH_TO * -(-max(n for _, n in pairs) // PAD_BATCH_TO), MAX_SEQ)
-        out.append({"rows": plan[i], "pairs": pairs, "width": width})
+    for _, rows in zip(range(n), planned_batches(train_set, BATCH, loop=True)):
+        pairs = [[train_set[j][1], min(token_length(train_set[j]), MAX_SEQ)] for j in rows]
+        out.append({"rows": rows, "pairs": pairs, "width": batch_width([length for _, length in pairs], MAX_SEQ)})
     return out
 
 
@@ -191,7 +193,8 @@ def main() -> None:
         stock["PYTHONPATH"] = str(REPO / "daemon")
         lorad_env = {**stock, **accel.blas_env(cache)}  # what the daemon gives a stage process
         gemm = {"mlx (OpenBLAS)": mlx_gemm_flops(lorad_env)}
-        ours, theirs = batches(base4, data, n, mlx_lm_order=False), batches(base4, data, n, mlx_lm_order=True)
+        train_set = training_rows(base4, data)
+        ours, theirs = batches(train_set, n, mlx_lm_order=False), batches(train_set, n, mlx_lm_order=True)
         losses: dict[str, list[float]] = {}
 
         def record(name: str, seconds: list[float], run_batches: list[dict[str, Any]], **extra: Any) -> None:

@@ -2,8 +2,8 @@
 
 Batches: mlx-lm 0.32 means to group rows of similar length (so little of a batch is
 padding), but it sorts by `CacheDataset.itemlen`, which is the raw row's key count,
-not its token count: its batches are file order, and on the demo data a third of
-every batch is padding. Here rows are sorted by their token count, batches padded
+not its token count: its batches are file order, and on the demo data 27 % of the
+positions a step computes are padding. Here rows are sorted by their token count, batches padded
 to a multiple of 8, and the order of batches shuffled as mlx-lm shuffles them.
 
 Loss:
@@ -50,8 +50,18 @@ def scored_positions(batch_shape: tuple[int, int], lengths: np.ndarray) -> tuple
     return np.array(index + [0] * (padded - count), np.int32), weights
 
 
+def tokens_and_offset(item: Any) -> tuple[list[int], int]:
+    """A row of mlx-lm's datasets: (tokens, prompt length) with mask_prompt, else the tokens alone."""
+    return item if isinstance(item, tuple) else (item, 0)
+
+
 def token_length(item: Any) -> int:
-    return len(item[0]) if isinstance(item, tuple) else len(item)
+    return len(tokens_and_offset(item)[0])
+
+
+def batch_width(lengths: list[int], max_seq_length: int) -> int:
+    """Inputs plus the shifted target: one more than the longest row, rounded up to PAD_BATCH_TO."""
+    return min(1 + PAD_BATCH_TO * -(-max(lengths) // PAD_BATCH_TO), max_seq_length)
 
 
 def batch_plan(lengths: list[int], batch_size: int, offset: int = 0, step: int = 1) -> list[list[int]]:
@@ -64,33 +74,37 @@ def batch_plan(lengths: list[int], batch_size: int, offset: int = 0, step: int =
     return [order[i + offset: i + offset + batch_size: step] for i in range(0, len(order) - batch_size + 1, batch_size)]
 
 
-def iterate_batches(dataset: Any, batch_size: int, max_seq_length: int, loop: bool = False, seed: int | None = None,
-                    comm_group: Any = None, scored: bool = True) -> Iterator[tuple]:
-    """mlx-lm's iterate_batches with length-sorted batches; with `scored`, each batch also carries the positions the loss scores."""
-    import mlx.core as mx
-
+def planned_batches(dataset: Any, batch_size: int, loop: bool = False, seed: int | None = None,
+                    comm_group: Any = None) -> Iterator[list[int]]:
+    """The row indices of each batch in training order: the plan's batches shuffled with mlx-lm's draws."""
     offset, step = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
     plan = batch_plan([token_length(dataset[i]) for i in range(len(dataset))], batch_size, offset, step)
     if seed is not None:
         np.random.seed(seed)
     while True:
         for i in np.random.permutation(len(plan)):  # the same draws as mlx-lm: a seeded run shuffles batches alike
-            items = [dataset[j] for j in plan[i]]
-            rows = [item[0] if isinstance(item, tuple) else item for item in items]
-            offsets = [item[1] if isinstance(item, tuple) else 0 for item in items]
-            lengths = [min(len(r), max_seq_length) for r in rows]
-            width = min(1 + PAD_BATCH_TO * -(-max(lengths) // PAD_BATCH_TO), max_seq_length)
-            array = np.zeros((len(rows), width), np.int32)
-            for j, row in enumerate(rows):
-                array[j, :lengths[j]] = row[:lengths[j]]
-            pairs = np.array(list(zip(offsets, lengths)))
-            if scored:
-                index, weights = scored_positions(array.shape, pairs)
-                yield mx.array(array), mx.array(pairs), mx.array(index), mx.array(weights)
-            else:
-                yield mx.array(array), mx.array(pairs)
+            yield plan[i]
         if not loop:
             break
+
+
+def iterate_batches(dataset: Any, batch_size: int, max_seq_length: int, loop: bool = False, seed: int | None = None,
+                    comm_group: Any = None, scored: bool = True) -> Iterator[tuple]:
+    """mlx-lm's iterate_batches with length-sorted batches; with `scored`, each batch also carries the positions the loss scores."""
+    import mlx.core as mx
+
+    for indices in planned_batches(dataset, batch_size, loop, seed, comm_group):
+        rows = [tokens_and_offset(dataset[j]) for j in indices]
+        lengths = [min(len(tokens), max_seq_length) for tokens, _ in rows]
+        array = np.zeros((len(rows), batch_width(lengths, max_seq_length)), np.int32)
+        for j, (tokens, _) in enumerate(rows):
+            array[j, :lengths[j]] = tokens[:lengths[j]]
+        pairs = np.array([(offset, length) for (_, offset), length in zip(rows, lengths)])
+        if scored:
+            index, weights = scored_positions(array.shape, pairs)
+            yield mx.array(array), mx.array(pairs), mx.array(index), mx.array(weights)
+        else:
+            yield mx.array(array), mx.array(pairs)
 
 
 def loss(model: Any, batch: Any, lengths: Any, index: Any, weights: Any) -> tuple[Any, Any]:

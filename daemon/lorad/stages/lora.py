@@ -222,8 +222,7 @@ def _scored_rows(dataset: Any, max_seq_length: int) -> tuple[Any, int]:
 
     keep = []
     for i in range(len(dataset)):
-        item = dataset[i]
-        tokens, offset = item if isinstance(item, tuple) else (item, 0)
+        tokens, offset = completion_loss.tokens_and_offset(dataset[i])
         if offset < min(len(tokens), max_seq_length):
             keep.append(i)
     if len(keep) == len(dataset):
@@ -476,11 +475,11 @@ def train_here(ctx: StageContext, dist: dict[str, Any] | None) -> dict[str, str]
             valid_set = None
         try:
             mx.reset_peak_memory()  # the reported peak is training's, not the loading's (or an earlier run's)
-            batches = partial(completion_loss.iterate_batches, scored=sparse_head)
-            loss_fns: dict[str, Any] = {"iterate_batches": batches, **({"loss": completion_loss.loss} if sparse_head else {})}
+            batches: Callable[..., Any] = partial(completion_loss.iterate_batches, scored=sparse_head)
             if watchdog is not None:
-                loss_fns["iterate_batches"] = watchdog.wrap(batches)
+                batches = watchdog.wrap(batches)
                 watchdog.beat()  # loading is done; each batch fetched from here beats
+            loss_fns: dict[str, Any] = {"iterate_batches": batches, **({"loss": completion_loss.loss} if sparse_head else {})}
             if valid_set is not None:
                 validation = FirstOnly(valid_set)
                 valid_set = validation
