@@ -128,7 +128,8 @@ def test_caffeinate_is_held_while_a_job_runs_and_released_after(tmp_path, start_
     from test_daemon import drop
 
     drop(root / "inbox", "a.yaml", spec_text("a", rows_file))
-    wait_for(lambda: (bindir / "caffeinate.calls").exists(), what="caffeinate started")
+    calls = bindir / "caffeinate.calls"  # the shell creates it for `>>` before echo writes the line: wait for the line
+    wait_for(lambda: calls.exists() and calls.read_text().endswith("\n"), what="caffeinate started")
     assert (bindir / "caffeinate.calls").read_text().split() == ["-i", "-w", str(d.proc.pid)]
     running = lambda: subprocess.run(["pgrep", "-f", str(bindir / "caffeinate")], capture_output=True).returncode == 0
     assert running()
