@@ -48,8 +48,9 @@ SEED, BATCH, LAYERS, MAX_SEQ, LR = 0, 4, 8, 256, 1e-4
 LOSS_TOLERANCE = 0.10  # lorad's and PEFT's loss at each step: same batches, same base; the LoRA A matrices are drawn by different RNGs
 
 
-def spec(iters: int) -> dict:
-    return apply_defaults({
+def spec(iters: int, defaults: bool = True) -> dict:
+    """The bench job; without defaults, as written for the stage (an earlier commit knows fewer keys)."""
+    raw = {
         "version": 1, "name": "bench", "model": {"source": "demo"},
         "data": {"source": "builtin:text-to-sql", "limit": 400, "valid_fraction": 0.02, "test_fraction": 0.02},
         "train": {"iters": iters, "batch_size": BATCH, "num_layers": LAYERS, "seed": SEED,
@@ -57,7 +58,8 @@ def spec(iters: int) -> dict:
                   "optimizer": "adam", "optimizer_config": {"bias_correction": True},
                   "lora": {"rank": 8, "scale": 20.0, "dropout": 0.0}, "learning_rate": LR,
                   "max_seq_length": MAX_SEQ, "eval_every": 10**6, "save_every": 10**6},
-    })
+    }
+    return apply_defaults(raw) if defaults else raw
 
 
 def prepare(work: Path, cache: Path) -> Path:
@@ -71,9 +73,9 @@ def prepare(work: Path, cache: Path) -> Path:
 
 def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> float:
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    out = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if out.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}")
     return time.perf_counter() - t0
 
 
@@ -84,10 +86,13 @@ def lorad_run(template: Path, cache: Path, iters: int, env: dict[str, str]) -> d
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "job"
         shutil.copytree(template, job, ignore=shutil.ignore_patterns("adapters", "events.jsonl"))
-        s = spec(iters)
-        (job / "spec.yaml").write_text(yaml.safe_dump({k: s[k] for k in ("version", "name", "model", "data", "train")}))
+        (job / "spec.yaml").write_text(yaml.safe_dump(spec(iters, defaults=False)))
         (job / "status.json").write_text(json.dumps({"job_id": "bench"}))
-        timed([sys.executable, "-m", "lorad.stagerun", str(job), "lora", "--cache", str(cache)], env, REPO)
+        try:
+            timed([sys.executable, "-m", "lorad.stagerun", str(job), "lora", "--cache", str(cache)], env, REPO)
+        except SystemExit:
+            print((job / "events.jsonl").read_text()[-3000:] if (job / "events.jsonl").exists() else "(no events.jsonl)", file=sys.stderr)
+            raise
         rows = [json.loads(x) for x in (job / "adapters/metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if "train_loss" in r]
         return {"losses": [r["train_loss"] for r in steps], "seconds": [r.get("step_seconds") for r in steps],

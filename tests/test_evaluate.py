@@ -221,3 +221,28 @@ def test_the_demo_model_fine_tuned_on_support_chat_beats_its_base_in_mlx_and_in_
     assert tuned["loss"] < base["loss"] - 0.5 and tuned["chrf"]["value"] > base["chrf"]["value"] + 0.15, (base, tuned)
     assert abs(gguf["loss"] - tuned["loss"]) < 0.05 * tuned["loss"] + 0.02 and gguf["chrf"]["value"] > base["chrf"]["value"]
     assert (job / "report.md").exists() and (job / "metrics.png").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_batched_held_out_losses_equal_one_row_at_a_time_with_the_full_head(tmp_path, arch):
+    """mlx_losses batches rows and scores only their completions, with cpu_ops: the numbers of the plain way."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.utils import load
+
+    from lorad.stages.evaluate import mlx_losses, sequence_losses
+
+    model, _ = load(str(tinymodel.make_tiny_model(tmp_path / arch, arch)))
+    rng = __import__("random").Random(0)
+    sequences = [([rng.randrange(1, 300) for _ in range(rng.randint(2, 60))], rng.randint(0, 30)) for _ in range(21)]
+    sequences.append(([5], 0))  # nothing to score
+
+    def nll(tokens: list[int], start: int) -> float:
+        x = mx.array([tokens])
+        return nn.losses.cross_entropy(model(x[:, :-1])[0][start:], x[0, start + 1:]).sum().item()
+
+    expected = sequence_losses(sequences, nll)
+    got = mlx_losses(model, sequences)
+    assert [n for _, n in got] == [n for _, n in expected] and sum(n for _, n in got) > 200
+    for (value, _), (reference, _) in zip(got, expected):
+        assert abs(value - reference) < 1e-4 * max(1.0, abs(reference))

@@ -209,38 +209,86 @@ def test_every_method_trains_and_fuses(tmp_path, tiny, method, fmt):
     assert "quantization" not in json.loads((job / "fused/config.json").read_text())
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # an untied head and a tied one
-def test_completion_loss_equals_mlx_lm_default_loss_and_its_gradients(tmp_path, arch):
-    """The sparse head is only faster: same loss and same LoRA gradients as mlx-lm's default_loss."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
-    from mlx_lm.tuner.trainer import default_loss
-
-    from lorad import completion_loss
+def tiny_lora_model(tmp_path: Path, arch: str, n_rows: int) -> tuple:
+    """A tiny model with LoRA on 2 layers, in training mode, and n_rows prompt/completion rows of varied lengths."""
     from lorad.stages.lora import apply_adapters, load_datasets, load_for_training
 
     model_dir = tinymodel.make_tiny_model(tmp_path / arch, arch)
     rows = [{"prompt": f"select {i} from table " * (1 + i % 4), "completion": f"total {i} max min " * (1 + i % 3)}
-            for i in range(16)]
+            for i in range(n_rows)]
     write_rows(tmp_path / "data/train.jsonl", rows)
     model, tokenizer, _, _ = load_for_training(model_dir, log=None, train_dequantized=True)
     apply_adapters(model, apply_defaults(make_spec("demo", "x", num_layers=2))["train"])
     model.train()
     train_set, _ = load_datasets(tmp_path / "data", tokenizer, mask_prompt=True)
+    return model, train_set
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # an untied head and a tied one
+def test_completion_loss_equals_mlx_lm_default_loss_and_its_gradients(tmp_path, arch):
+    """The sparse head and cpu_ops are only faster: same loss and same LoRA gradients as mlx-lm's default_loss."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.trainer import default_loss
+
+    from lorad import completion_loss, cpu_ops
+
+    model, train_set = tiny_lora_model(tmp_path, arch, 16)
     assert completion_loss.applies(model, mask_prompt=True) and not completion_loss.applies(model, mask_prompt=False)
     compared, truncated = 0, 0
     for max_seq in (512, 40):  # 40 cuts some completions short, so they run to the last target
         for batch, lengths, index, weights in completion_loss.iterate_batches(train_set, 4, max_seq):
             truncated += sum(n == max_seq for n in lengths[:, 1].tolist())
             (ref, ref_n), ref_grad = nn.value_and_grad(model, default_loss)(model, batch, lengths)
-            (got, got_n), got_grad = nn.value_and_grad(model, completion_loss.loss)(model, batch, lengths, index, weights)
+            with cpu_ops.vectorized(model):  # and the vectorized SiLU, softmax and cross entropy
+                (got, got_n), got_grad = nn.value_and_grad(model, completion_loss.loss)(model, batch, lengths, index, weights)
             assert got_n.item() == ref_n.item() and index.size % 32 == 0 and weights.sum().item() == ref_n.item()
             assert abs(got.item() - ref.item()) < 1e-5 * abs(ref.item()), (got.item(), ref.item())
             for (name, g), (_, r) in zip(tree_flatten(got_grad), tree_flatten(ref_grad)):
                 assert mx.allclose(g, r, rtol=1e-4, atol=1e-6).item(), name
             compared += 1
     assert compared == 8 and truncated > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_rows_compute_what_each_row_computes_alone(tmp_path, arch):
+    """train.packing: rows share a sequence but not attention; each row's loss and gradients are its own."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from lorad import completion_loss, cpu_ops
+
+    model, train_set = tiny_lora_model(tmp_path, arch, 12)
+    max_seq = 128
+
+    def alone(model):  # every row by itself, mlx-lm's own ops, its own tokens as targets
+        total = mx.array(0.0)
+        for i in range(len(train_set)):
+            tokens, offset = completion_loss.tokens_and_offset(train_set[i])
+            x = mx.array([tokens[:max_seq]])
+            start = max(offset - 1, 0)
+            total = total + nn.losses.cross_entropy(model(x[:, :-1])[0][start:], x[0, start + 1:]).sum()
+        return total
+
+    def packed(model):
+        total = mx.array(0.0)
+        for batch in completion_loss.packed_batches(train_set, 1, max_seq):
+            value, count = completion_loss.loss(model, *batch)
+            total = total + value * count
+        return total
+
+    packs = list(completion_loss.packed_batches(train_set, 1, max_seq))
+    assert len(packs) < len(train_set) * 2 / 3 and all(b[0].shape[1] <= max_seq + 1 for b in packs)
+    ref, ref_grad = nn.value_and_grad(model, alone)(model)
+    with cpu_ops.vectorized(model):
+        got, got_grad = nn.value_and_grad(model, packed)(model)
+    assert abs(got.item() - ref.item()) < 1e-5 * abs(ref.item()), (got.item(), ref.item())
+    for (name, g), (_, r) in zip(tree_flatten(got_grad), tree_flatten(ref_grad)):  # sums over ~1,000 tokens: relative to the largest
+        assert mx.abs(g - r).max().item() <= 1e-5 * mx.abs(r).max().item(), name
+    assert sorted(i for pack in completion_loss.pack_rows([30, 50, 20, 96, 10], 96) for i in pack) == [0, 1, 2, 3, 4]
+    assert completion_loss.pack_rows([30, 50, 20, 96, 10], 96) == [[3], [1, 0, 4], [2]]
 
 
 def test_batches_group_rows_by_token_count_and_pad_less_than_mlx_lm(tmp_path):

@@ -189,3 +189,97 @@ def test_validation_lands_on_the_checkpoint_iterations(tmp_path):
     saved = [e["iteration"] for e in events(job) if e["event"] == "checkpoint_saved"]
     best = [e for e in events(job) if e["event"] == "val_loss" and e.get("best")]
     assert saved == [4, 8] and {e["iteration"] for e in best} <= {0, 4, 8}
+
+
+def wandb_records(path: Path) -> list:
+    """The records of a W&B run file (LevelDB's log format: 32 KiB blocks of CRC, length, type, payload)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, records, pos, pending = path.read_bytes(), [], 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (length == 0 and kind == 0):  # the rest of a block is padding
+            pos += left
+            continue
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = pb.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def test_report_to_wandb_logs_every_metric_and_a_resumed_stage_continues_the_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from lorad.policy import Policy, to_env
+    from lorad.reporting import run_id
+    from lorad.stages import Interrupted
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the run stays on disk, in wandb's own format
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("LORAD_POLICY", to_env(Policy((tmp_path,), "http://127.0.0.1:9", report_to=("wandb",)))["LORAD_POLICY"])
+
+    def stop_after_five() -> bool:
+        path = tmp_path / "job/adapters/metrics.jsonl"
+        return path.exists() and any(m.get("iteration", 0) >= 5 for m in metrics(tmp_path / "job"))
+
+    knobs = {"iters": 10, "save_every": 5, "eval_every": 5, "report_to": ["wandb"], "project_name": "lorad-test"}
+    with pytest.raises(Interrupted):
+        train(tmp_path, "job", stop=stop_after_five, **knobs)
+    job = train(tmp_path, "job", **knobs)
+    runs = sorted((job / "adapters/wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 2  # the stopped stage and the resumed one
+    logged: dict[int, dict] = {}
+    for path in runs:
+        records = wandb_records(path)
+        [run] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        assert (run.run_id, run.project) == (run_id("job"), "lorad-test")
+        config = {item.key: json.loads(item.value_json) for item in run.config.update}
+        assert config["train"]["learning_rate"] == 1e-3
+        for r in records:
+            if r.WhichOneof("record_type") == "history":
+                row = {i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                logged.setdefault(row["_step"], {}).update(row)
+    recorded = {m["iteration"]: m for m in metrics(job)}
+    assert sorted(k for k, v in logged.items() if "train_loss" in v) == list(range(1, 11))
+    for it, row in logged.items():
+        for key in ("train_loss", "val_loss", "learning_rate"):
+            if key in recorded.get(it, {}) and key in row:
+                assert row[key] == pytest.approx(recorded[it][key])
+    assert "val_loss" in logged[10]
+
+
+def test_report_to_needs_the_owners_leave(tmp_path, monkeypatch):
+    from lorad import policy
+    from lorad.spec import apply_defaults
+    from lorad.stages import StageFailed
+
+    spec = apply_defaults(make_spec("demo", "builtin:text-to-sql", report_to=["wandb", "swanlab"]))
+    owner = policy.Policy((tmp_path,), "http://127.0.0.1:9", report_to=("swanlab",))
+    [(where, message)] = policy.spec_problems(spec, owner)
+    assert where == ["train", "report_to", 0] and "--allow-report-to wandb" in message
+    monkeypatch.setenv("LORAD_POLICY", policy.to_env(owner)["LORAD_POLICY"])
+    with pytest.raises(StageFailed, match="does not allow"):
+        train(tmp_path, "job", report_to=["wandb"])
+    assert not (tmp_path / "job/adapters/wandb").exists()
+    with pytest.raises(policy.PolicyError, match="not one of"):
+        policy.load(tmp_path, tmp_path / "inbox", allow_report=["mlflow"])
+
+
+def test_packing_trains_on_packed_sequences_and_refuses_too_few(tmp_path):
+    from lorad.stages import StageFailed
+
+    job = train(tmp_path, "packed", iters=6, batch_size=2, max_seq_length=64, packing=True, eval_every=3)
+    setup = [json.loads(x) for x in (job / "events.jsonl").read_text().splitlines() if '"training_setup"' in x]
+    assert setup and setup[-1]["packing"] is True
+    steps = [m for m in metrics(job) if "train_loss" in m]
+    assert len(steps) == 6 and all(m["train_loss"] == m["train_loss"] for m in steps)  # no NaN
+    assert [m["iteration"] for m in metrics(job) if "val_loss" in m] == [0, 3, 6]  # validation unpacked, on 8 rows
+    with pytest.raises(StageFailed, match="fewer than batch_size 16"):
+        train(tmp_path, "too-few", iters=2, batch_size=16, max_seq_length=64, packing=True)

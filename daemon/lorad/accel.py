@@ -18,6 +18,11 @@ import sysconfig
 from pathlib import Path
 
 MLX_STAGES = {"convert", "lora", "fuse", "gguf", "evaluate"}
+# The share of MLX's memory limit that it may keep as freed buffers for reuse. Its CPU default is
+# 32 MiB, less than one training step's activations, so every step handed its buffers back to the
+# kernel and faulted fresh zeroed pages in (a fused element-wise op measured 3x slower, a LoRA step
+# 1.13x). The cache never holds more than the peak of what was in use.
+CPU_BUFFER_CACHE_SHARE = 0.25
 
 
 def _site_dirs() -> list[Path]:
@@ -106,4 +111,5 @@ def prepare_backend(stage: str) -> dict[str, str] | None:
         return {"device": "gpu", "backend": "metal", "blas": "accelerate"}
     if mx.cuda.is_available() if hasattr(mx, "cuda") else False:
         return {"device": "gpu", "backend": "cuda", "blas": "cublas"}
+    mx.set_cache_limit(int(mx.get_memory_limit() * CPU_BUFFER_CACHE_SHARE))
     return {"device": "cpu", "backend": "cpu", "blas": f"openblas ({blas})" if blas else "reference (bundled with mlx[cpu])"}

@@ -25,7 +25,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     lay = _layout(args)
     try:
-        trust = policy.load(lay.root, lay.inbox, args.allow_read, args.allow_ollama_host, args.allow_train_host)
+        trust = policy.load(lay.root, lay.inbox, args.allow_read, args.allow_ollama_host, args.allow_train_host,
+                             args.allow_report_to)
     except policy.PolicyError as e:
         print(f"lorad: {e}", file=sys.stderr)
         return 2
@@ -350,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an Ollama server specs may send models to, besides the daemon's own (repeatable)")
     p.add_argument("--allow-train-host", action="append", metavar="HOST",
                    help="an SSH host specs may train on (repeatable)")
+    p.add_argument("--allow-report-to", action="append", metavar="SERVICE", choices=["wandb", "swanlab"],
+                   help="a service specs may report training to with train.report_to: wandb or swanlab (repeatable)")
     p.add_argument("--name", help="this daemon's name for specs' runs_on (default: the host name)")
     p.add_argument("--default-daemon", metavar="NAME",
                    help="several daemons share the inbox: the one that runs specs without runs_on (give the same "

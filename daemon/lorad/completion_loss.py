@@ -75,10 +75,12 @@ def batch_plan(lengths: list[int], batch_size: int, offset: int = 0, step: int =
 
 
 def planned_batches(dataset: Any, batch_size: int, loop: bool = False, seed: int | None = None,
-                    comm_group: Any = None) -> Iterator[list[int]]:
+                    comm_group: Any = None, lengths: list[int] | None = None) -> Iterator[list[int]]:
     """The row indices of each batch in training order: the plan's batches shuffled with mlx-lm's draws."""
     offset, step = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
-    plan = batch_plan([token_length(dataset[i]) for i in range(len(dataset))], batch_size, offset, step)
+    if lengths is None:
+        lengths = [token_length(dataset[i]) for i in range(len(dataset))]
+    plan = batch_plan(lengths, batch_size, offset, step)
     if seed is not None:
         np.random.seed(seed)
     while True:
@@ -86,6 +88,91 @@ def planned_batches(dataset: Any, batch_size: int, loop: bool = False, seed: int
             yield plan[i]
         if not loop:
             break
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Row indices packed into sequences of at most `capacity` tokens: first fit, longest rows first."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = min(lengths[i], capacity)
+        fits = next((b for b, left in enumerate(room) if left >= n), None)
+        if fits is None:
+            bins.append([i])
+            room.append(capacity - n)
+        else:
+            bins[fits].append(i)
+            room[fits] -= n
+    return bins
+
+
+def packed_batches(dataset: Any, batch_size: int, max_seq_length: int, loop: bool = False, seed: int | None = None,
+                   comm_group: Any = None) -> Iterator[tuple]:
+    """train.packing: several rows per sequence, each attending only to itself (a block-diagonal causal mask).
+
+    RoPE makes attention depend on the distance between positions, not on where a row starts, so a
+    packed row computes what it computes alone; its targets are its own tokens (not the next row's
+    first, nor mlx-lm's extra padding target past its end). Yields (batch, lengths, index, weights, mask).
+    """
+    import mlx.core as mx
+
+    rows = [tokens_and_offset(dataset[i]) for i in range(len(dataset))]
+    sizes = [min(len(tokens), max_seq_length) for tokens, _ in rows]
+    packs = pack_rows(sizes, max_seq_length)
+    totals = [sum(sizes[i] for i in pack) for pack in packs]
+    for batch_packs in planned_batches(packs, batch_size, loop, seed, comm_group, lengths=totals):
+        width = batch_width([totals[p] for p in batch_packs], max_seq_length + 1)
+        array = np.zeros((len(batch_packs), width), np.int32)
+        segment = np.zeros((len(batch_packs), width - 1), np.int32)  # 0: padding
+        index: list[int] = []
+        for r, p in enumerate(batch_packs):
+            start = 0
+            for k, i in enumerate(packs[p], 1):
+                (tokens, offset), n = rows[i], sizes[i]
+                array[r, start:start + n] = tokens[:n]
+                segment[r, start:start + n] = k
+                index.extend(r * (width - 1) + t for t in range(start + max(offset - 1, 0), start + n - 1))
+                start += n
+        count = len(index)
+        padded = max(PAD_TO, -(-count // PAD_TO) * PAD_TO)
+        weights = np.zeros(padded, np.float32)
+        weights[:count] = 1.0
+        causal = np.tril(np.ones((width - 1, width - 1), bool))
+        mask = (segment[:, :, None] == segment[:, None, :]) & causal
+        pairs = np.array([(0, totals[p]) for p in batch_packs])
+        yield (mx.array(array), mx.array(pairs), mx.array(np.array(index + [0] * (padded - count), np.int32)),
+               mx.array(weights), mx.array(mask[:, None]))
+
+
+def packed_for(train_set: Any, otherwise: Any) -> Any:
+    """An iterate_batches that packs the training rows; validation keeps a row per sequence (a small set
+    may not fill a batch of packs, and its loss stays comparable with unpacked runs)."""
+    def batches(dataset: Any, *args: Any, **kwargs: Any) -> Iterator[tuple]:
+        if dataset is train_set:
+            kwargs.pop("scored", None)
+            return packed_batches(dataset, *args, **kwargs)
+        return otherwise(dataset, *args, **kwargs)
+
+    return batches
+
+
+class PackedRows:
+    """What a packed batch hands the model in place of mlx-lm's KV cache: its mask, and nothing kept.
+
+    mlx-lm's models take no attention mask, but build it with `cache.make_mask` and rotate from
+    `cache.offset`; this stand-in answers with the packed rows' block-diagonal mask and offset 0.
+    """
+
+    offset = 0
+
+    def __init__(self, mask: Any):
+        self.mask = mask
+
+    def make_mask(self, *args: Any, **kwargs: Any) -> Any:
+        return self.mask
+
+    def update_and_fetch(self, keys: Any, values: Any) -> tuple[Any, Any]:
+        return keys, values
 
 
 def iterate_batches(dataset: Any, batch_size: int, max_seq_length: int, loop: bool = False, seed: int | None = None,
@@ -107,17 +194,29 @@ def iterate_batches(dataset: Any, batch_size: int, max_seq_length: int, loop: bo
             yield mx.array(array), mx.array(pairs)
 
 
-def loss(model: Any, batch: Any, lengths: Any, index: Any, weights: Any) -> tuple[Any, Any]:
+def position_losses(model: Any, inputs: Any, index: Any, targets: Any, mask: Any = None) -> Any:
+    """The cross entropy of predicting targets at the flat positions `index` of inputs (rows × width).
+
+    `mask`: packed rows' attention mask (packed_batches); a SUPPORTED model only.
+    """
     import mlx.core as mx
-    import mlx.nn as nn
+
+    from lorad.cpu_ops import cross_entropy
+
+    if getattr(model, "model_type", None) in SUPPORTED and hasattr(model, "args"):
+        hidden = model.model(inputs, cache=None if mask is None else [PackedRows(mask)] * len(model.layers))
+        hidden = hidden.reshape(-1, hidden.shape[-1])[index]
+        logits = model.model.embed_tokens.as_linear(hidden) if model.args.tie_word_embeddings else model.lm_head(hidden)
+    else:
+        logits = model(inputs)
+        logits = logits.reshape(-1, logits.shape[-1])[index]
+    return cross_entropy(logits.astype(mx.float32), targets)
+
+
+def loss(model: Any, batch: Any, lengths: Any, index: Any, weights: Any, mask: Any = None) -> tuple[Any, Any]:
+    import mlx.core as mx
 
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    hidden = model.model(inputs)
-    hidden = hidden.reshape(-1, hidden.shape[-1])[index]
-    if model.args.tie_word_embeddings:
-        logits = model.model.embed_tokens.as_linear(hidden)
-    else:
-        logits = model.lm_head(hidden)
-    ce = nn.losses.cross_entropy(logits, targets.reshape(-1)[index]) * weights
+    ce = position_losses(model, inputs, index, targets.reshape(-1)[index], mask) * weights
     ntoks = (weights > 0).sum()
     return ce.astype(mx.float32).sum() / ntoks, ntoks

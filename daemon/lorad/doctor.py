@@ -233,7 +233,8 @@ def check_policy(layout: Layout) -> Check:
     d = trust.describe()
     return Check("policy", OK, f"specs may read {', '.join(d['read'])}; send models to {d['ollama_host']}"
                  + "".join(f", {h}" for h in d["ollama_hosts"])
-                 + f"; train on {', '.join(d['train_hosts']) or 'this machine only'} (from {' + '.join(d['from'])}; "
+                 + f"; train on {', '.join(d['train_hosts']) or 'this machine only'}"
+                 + f"; report training to {', '.join(d['report_to']) or 'no service'} (from {' + '.join(d['from'])}; "
                  "`lorad run --allow-*` flags add to it)")
 
 

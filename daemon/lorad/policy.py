@@ -11,6 +11,8 @@ the daemon — not the spec — decides:
 - which Ollama server the model may be sent to (default: the daemon's own,
   `$OLLAMA_HOST` or 127.0.0.1:11434; others only when listed).
 - which hosts training may reach over SSH (none unless listed; local ranks are fine).
+- which services training may report its settings and losses to (`train.report_to`: none
+  unless listed).
 
 The policy comes from `ROOT/policy.yaml` and `lorad run --allow-*` flags; `lorad
 doctor` shows it. It is checked when a spec is claimed (a clear rejection with
@@ -29,6 +31,7 @@ import yaml
 
 POLICY_FILE = "policy.yaml"
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+REPORT_SERVICES = ("wandb", "swanlab")  # train.report_to, as mlx_lm.lora --report-to
 HOST_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}@)?[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")
 
 
@@ -59,6 +62,7 @@ class Policy:
     ollama_host: str  # the daemon's own Ollama: always allowed
     ollama_hosts: tuple[str, ...] = ()  # other servers a spec may name
     train_hosts: tuple[str, ...] = ()  # SSH destinations a spec may train on
+    report_to: tuple[str, ...] = ()  # services a spec may report training to
     inbox: Path | None = None  # relative `path:` references resolve here
     sources: tuple[str, ...] = field(default=())  # where this policy came from, for `lorad doctor`
 
@@ -102,20 +106,28 @@ class Policy:
         raise PolicyError(f"train.distributed.hosts: {host!r} is not a host the owner allows training on; "
                           f"the owner can allow it with `lorad run --allow-train-host {host}` or in {POLICY_FILE}")
 
+    def check_report_to(self, service: str) -> str:
+        if service in self.report_to:
+            return service
+        raise PolicyError(f"train.report_to: {service!r} would send this job's settings and losses to that service, "
+                          f"and the owner does not allow it; the owner can with `lorad run --allow-report-to {service}` "
+                          f"or in {POLICY_FILE}")
+
     def describe(self) -> dict[str, Any]:
         return {"read": [str(p) for p in self.read_roots], "ollama_host": self.ollama_host,
                 "ollama_hosts": list(self.ollama_hosts), "train_hosts": list(self.train_hosts),
-                "from": list(self.sources)}
+                "report_to": list(self.report_to), "from": list(self.sources)}
 
 
 def load(root: Path, inbox: Path, allow_read: list[str] | None = None, allow_ollama: list[str] | None = None,
-         allow_train: list[str] | None = None) -> Policy:
+         allow_train: list[str] | None = None, allow_report: list[str] | None = None) -> Policy:
     """The policy of a root: defaults, then ROOT/policy.yaml, then command-line flags (which add)."""
     from lorad.ollama import resolve_host
 
     read: list[Path] = [inbox / "data", _hf_cache(), _ollama_models_dir()]
     ollama_hosts: list[str] = []
     train_hosts: list[str] = []
+    report_to: list[str] = []
     ollama_host = resolve_host(None)
     sources = ["defaults"]
     path = root / POLICY_FILE
@@ -125,25 +137,31 @@ def load(root: Path, inbox: Path, allow_read: list[str] | None = None, allow_oll
         except (OSError, yaml.YAMLError) as e:
             raise PolicyError(f"{path}: {e}") from None
         if not isinstance(conf, dict):
-            raise PolicyError(f"{path}: expected a mapping with read, ollama_host, ollama_hosts, train_hosts")
-        unknown = set(conf) - {"read", "ollama_host", "ollama_hosts", "train_hosts"}
+            raise PolicyError(f"{path}: expected a mapping with read, ollama_host, ollama_hosts, train_hosts, report_to")
+        unknown = set(conf) - {"read", "ollama_host", "ollama_hosts", "train_hosts", "report_to"}
         if unknown:
             raise PolicyError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
         read += [Path(str(p)).expanduser() for p in conf.get("read") or []]
         ollama_hosts += [str(h) for h in conf.get("ollama_hosts") or []]
         train_hosts += [str(h) for h in conf.get("train_hosts") or []]
+        report_to += [str(h) for h in conf.get("report_to") or []]
         if conf.get("ollama_host"):
             ollama_host = resolve_host(str(conf["ollama_host"]))
         sources.append(str(path))
-    if allow_read or allow_ollama or allow_train:
+    if allow_read or allow_ollama or allow_train or allow_report:
         sources.append("command line")
     read += [Path(p).expanduser().absolute() for p in allow_read or []]
     ollama_hosts += list(allow_ollama or [])
     train_hosts += list(allow_train or [])
+    report_to += list(allow_report or [])
+    for service in report_to:
+        if service not in REPORT_SERVICES:
+            raise PolicyError(f"report_to: {service!r} is not one of {', '.join(REPORT_SERVICES)}")
     for host in train_hosts:
         if not HOST_RE.match(host):
             raise PolicyError(f"train host {host!r} is not a host name (user@host or host)")
-    return Policy(tuple(read), ollama_host, tuple(ollama_hosts), tuple(train_hosts), inbox, tuple(sources))
+    return Policy(tuple(read), ollama_host, tuple(ollama_hosts), tuple(train_hosts), tuple(dict.fromkeys(report_to)),
+                  inbox, tuple(sources))
 
 
 def to_env(policy: Policy) -> dict[str, str]:
@@ -152,7 +170,7 @@ def to_env(policy: Policy) -> dict[str, str]:
 
     return {"LORAD_POLICY": json.dumps({"read": [str(p) for p in policy.read_roots], "ollama_host": policy.ollama_host,
                                         "ollama_hosts": list(policy.ollama_hosts),
-                                        "train_hosts": list(policy.train_hosts),
+                                        "train_hosts": list(policy.train_hosts), "report_to": list(policy.report_to),
                                         "inbox": str(policy.inbox) if policy.inbox else None})}
 
 
@@ -165,7 +183,7 @@ def from_env() -> Policy | None:
         return None
     d = json.loads(text)
     return Policy(tuple(Path(p) for p in d["read"]), d["ollama_host"], tuple(d["ollama_hosts"]),
-                  tuple(d["train_hosts"]), Path(d["inbox"]) if d.get("inbox") else None, ("daemon",))
+                  tuple(d["train_hosts"]), tuple(d.get("report_to") or ()), Path(d["inbox"]) if d.get("inbox") else None, ("daemon",))
 
 
 def spec_problems(spec: dict[str, Any], policy: Policy) -> list[tuple[list[Any], str]]:
@@ -190,4 +208,9 @@ def spec_problems(spec: dict[str, Any], policy: Policy) -> list[tuple[list[Any],
             policy.check_train_host(str(h))
         except PolicyError as e:
             problems.append((["train", "distributed", "hosts", i], str(e)))
+    for i, service in enumerate((spec.get("train") or {}).get("report_to") or []):
+        try:
+            policy.check_report_to(str(service))
+        except PolicyError as e:
+            problems.append((["train", "report_to", i], str(e)))
     return problems

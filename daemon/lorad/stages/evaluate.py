@@ -32,7 +32,8 @@ from lorad.stages.convert import base_path
 from lorad.stages.gguf import llama_cpp_available
 from lorad.stages.prepare import prepared_format
 
-BATCH = 16
+BATCH = 16  # prompts per batch_generate call
+LOSS_BATCH = 8  # held-out rows per forward pass, sorted by length
 TEXT_PREFIX_WORDS = 64  # a text row: the model continues its first half (at most this many words)
 MAX_NEW_TOKENS_CAP = 2048
 
@@ -130,15 +131,35 @@ def sequence_losses(sequences: list[tuple[list[int], int]],
 
 
 def mlx_losses(model: Any, sequences: list[tuple[list[int], int]]) -> list[tuple[float, int]]:
+    """sequence_losses' numbers, rows of similar length batched (right padding changes nothing under a causal mask)."""
     import mlx.core as mx
-    import mlx.nn as nn
+    import numpy as np
 
-    def nll(tokens: list[int], start: int) -> float:
-        x = mx.array([tokens])
-        logits = model(x[:, :-1])[0].astype(mx.float32)
-        return float(nn.losses.cross_entropy(logits[start:], x[0, start + 1:]).sum().item())
+    from lorad import completion_loss, cpu_ops
 
-    return sequence_losses(sequences, nll)
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
+    with cpu_ops.vectorized(model):
+        for chunk in (order[i:i + LOSS_BATCH] for i in range(0, len(order), LOSS_BATCH)):
+            width = max(len(sequences[i][0]) for i in chunk)
+            batch = np.zeros((len(chunk), width), np.int32)
+            index: list[int] = []
+            row_of: list[int] = []
+            for row, i in enumerate(chunk):
+                tokens, offset = sequences[i]
+                batch[row, :len(tokens)] = tokens
+                positions = range(max(offset - 1, 0), len(tokens) - 1)  # as sequence_losses
+                index.extend(row * (width - 1) + t for t in positions)
+                row_of.extend([row] * len(positions))
+            if not index:
+                continue
+            flat = mx.array(index)
+            nll = completion_loss.position_losses(model, mx.array(batch[:, :-1]), flat, mx.array(batch[:, 1:]).reshape(-1)[flat])
+            sums = np.bincount(row_of, weights=np.array(nll.tolist(), np.float64), minlength=len(chunk))
+            counts = np.bincount(row_of, minlength=len(chunk))
+            for row, i in enumerate(chunk):
+                out[i] = (float(sums[row]), int(counts[row]))
+    return out
 
 
 def gguf_losses(gguf: Path, sequences: list[tuple[list[int], int]]) -> list[tuple[float, int]]:

@@ -153,6 +153,24 @@ def adapter_config(train: dict[str, Any], base: Path) -> dict[str, Any]:
     }
 
 
+def check_packing(model: Any, train_set: Any, train: dict[str, Any]) -> None:
+    """train.packing needs a model whose mask can be handed in, and enough packed sequences for a batch."""
+    if getattr(model, "model_type", None) not in completion_loss.SUPPORTED:
+        raise StageFailed(f"train.packing works for {', '.join(sorted(completion_loss.SUPPORTED))} models; this one is "
+                          f"{getattr(model, 'model_type', 'unknown')}: turn packing off")
+    sizes = [min(completion_loss.token_length(train_set[i]), train["max_seq_length"]) for i in range(len(train_set))]
+    packs = len(completion_loss.pack_rows(sizes, train["max_seq_length"]))
+    if packs < train["batch_size"]:
+        raise StageFailed(f"train.packing: the {len(sizes)} training rows fill {packs} sequences of max_seq_length "
+                          f"{train['max_seq_length']} tokens, fewer than batch_size {train['batch_size']}; lower "
+                          f"batch_size or turn packing off")
+
+
+def reported_config(spec: dict[str, Any]) -> dict[str, Any]:
+    """What report_to shows as the run's settings: the spec's model, data and train sections (no paths beyond them)."""
+    return {"name": spec["name"], "model": spec["model"], "data": spec["data"], "train": spec["train"]}
+
+
 def is_text_data(data_dir: Path) -> bool:
     """Plain-text rows have no prompt to mask: every token is trained on (mlx-lm refuses mask_prompt there)."""
     from lorad.stages.prepare import prepared_format
@@ -301,6 +319,7 @@ class Tracker:
         self.metrics = open(adapter_dir / "metrics.jsonl", "a") if main else None
         self.validate: Callable[[], float] | None = None  # set by run(): validation on the current weights
         self.validation_set: FirstOnly | None = None
+        self.reporters: list[Any] = []  # train.report_to (rank 0 only)
 
     def _due(self, it: int, every: int) -> bool:
         return it % every == 0 or it == self.train["iters"]
@@ -309,6 +328,8 @@ class Tracker:
         if self.metrics:
             self.metrics.write(json.dumps(row) + "\n")
             self.metrics.flush()
+        for reporter in self.reporters:
+            reporter.log_metrics({k: v for k, v in row.items() if k != "iteration"}, step=row["iteration"])
 
     def _stop_requested(self) -> bool:
         """Every rank must stop at the same step, or the others hang in the next all-reduce."""
@@ -410,6 +431,8 @@ def train_here(ctx: StageContext, dist: dict[str, Any] | None) -> dict[str, str]
     import numpy as np
     from mlx_lm.tuner.trainer import TrainingArgs, evaluate, train
 
+    from lorad import cpu_ops
+
     spec_train = ctx.spec["train"]
     watchdog = None
     if dist:  # a rank under mlx.launch: a vanished host would hang it in the ring's connect or all_sum
@@ -440,9 +463,13 @@ def train_here(ctx: StageContext, dist: dict[str, Any] | None) -> dict[str, str]
     mask_prompt = spec_train["mask_prompt"] and not is_text_data(ctx.path("data"))
     train_set, valid_set = load_datasets(ctx.path("data"), tokenizer, mask_prompt, spec_train["max_seq_length"], ctx.log)
     lengths = sorted(len(train_set[i][0]) for i in range(min(len(train_set), 2000)))
-    sparse_head = completion_loss.applies(model, mask_prompt)
+    packing = spec_train["packing"]
+    if packing:
+        check_packing(model, train_set, spec_train)
+    sparse_head = completion_loss.applies(model, mask_prompt) or packing
     ctx.log.info("training_setup", method=spec_train["method"], qlora=qlora, trainable_params=trainable, world_size=world_size,
-                 loss="completion positions only" if sparse_head else "mlx-lm default",
+                 loss="completion positions only" if sparse_head else "mlx-lm default", packing=packing,
+                 vectorized_cpu_ops=cpu_ops.applies(model),
                  total_params=total, train_rows=len(train_set), valid_rows=len(valid_set) if valid_set else 0,
                  tokens_median=lengths[len(lengths) // 2], tokens_max=lengths[-1],
                  truncated_rows=sum(n > spec_train["max_seq_length"] for n in lengths))
@@ -462,6 +489,11 @@ def train_here(ctx: StageContext, dist: dict[str, Any] | None) -> dict[str, str]
     np.random.seed(seed + state["iteration"])
     remaining = spec_train["iters"] - state["iteration"]
     tracker = Tracker(ctx, model, optimizer, adapter_dir, state, world_size, main)
+    if main and spec_train["report_to"] and remaining > 0:
+        from lorad.reporting import open_reporters
+
+        tracker.reporters = open_reporters(spec_train["report_to"], spec_train["project_name"], ctx.work_dir.name,
+                                           ctx.spec["name"], adapter_dir, reported_config(ctx.spec), ctx.log)
     stopped_early = False
     if remaining > 0:
         args = TrainingArgs(
@@ -476,6 +508,8 @@ def train_here(ctx: StageContext, dist: dict[str, Any] | None) -> dict[str, str]
         try:
             mx.reset_peak_memory()  # the reported peak is training's, not the loading's (or an earlier run's)
             batches: Callable[..., Any] = partial(completion_loss.iterate_batches, scored=sparse_head)
+            if packing:
+                batches = completion_loss.packed_for(train_set, otherwise=batches)
             if watchdog is not None:
                 batches = watchdog.wrap(batches)
                 watchdog.beat()  # loading is done; each batch fetched from here beats
@@ -491,12 +525,16 @@ def train_here(ctx: StageContext, dist: dict[str, Any] | None) -> dict[str, str]
                     return value
 
                 tracker.validate, tracker.validation_set = validate, validation
-            train(model=model, optimizer=optimizer, train_dataset=train_set, val_dataset=valid_set,
-                  args=args, training_callback=tracker, **loss_fns)
+            with cpu_ops.vectorized(model):
+                train(model=model, optimizer=optimizer, train_dataset=train_set, val_dataset=valid_set,
+                      args=args, training_callback=tracker, **loss_fns)
         except EarlyStop as e:
             stopped_early = True
             ctx.log.info("early_stopping", iteration=int(str(e.args[0])), best_iteration=state["best_iteration"],
                          best_val=state["best_val"], patience=spec_train["early_stopping"]["patience"])
+        finally:
+            for reporter in tracker.reporters:
+                reporter.finish()
     summary = {"iterations": state["iteration"], "best_iteration": state["best_iteration"], "best_val_loss": state["best_val"],
                "stopped_early": stopped_early, "qlora": qlora, "world_size": world_size}
     if not main:
