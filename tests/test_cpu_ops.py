@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx_lm.models.base import scaled_dot_product_attention as mlx_lm_attention
 
+import tinymodel
 from lorad import cpu_ops
-
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-import tinymodel  # noqa: E402
 
 
 def relative(a: mx.array, b: mx.array) -> float:

@@ -216,7 +216,6 @@ def wandb_records(path: Path) -> list:
 
 
 def test_report_to_wandb_logs_every_metric_and_a_resumed_stage_continues_the_run(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
     from lorad.policy import Policy, to_env
     from lorad.reporting import run_id
     from lorad.stages import Interrupted

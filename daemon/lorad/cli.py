@@ -326,6 +326,7 @@ def cmd_install_llama(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from lorad import __version__
+    from lorad.policy import REPORT_SERVICES
 
     parser = argparse.ArgumentParser(prog="lorad", description="Fine-tune language models from job specs dropped into a folder.")
     parser.add_argument("--version", action="version", version=f"lorad {__version__}")
@@ -351,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an Ollama server specs may send models to, besides the daemon's own (repeatable)")
     p.add_argument("--allow-train-host", action="append", metavar="HOST",
                    help="an SSH host specs may train on (repeatable)")
-    p.add_argument("--allow-report-to", action="append", metavar="SERVICE", choices=["wandb", "swanlab"],
+    p.add_argument("--allow-report-to", action="append", metavar="SERVICE", choices=REPORT_SERVICES,
                    help="a service specs may report training to with train.report_to: wandb or swanlab (repeatable)")
     p.add_argument("--name", help="this daemon's name for specs' runs_on (default: the host name)")
     p.add_argument("--default-daemon", metavar="NAME",

@@ -31,8 +31,13 @@ PAD_TO = 32
 PAD_BATCH_TO = 8  # a batch's width; mlx-lm pads to 32, which here pads a 129-token batch to 161
 
 
+def supports(model: Any) -> bool:
+    """The model's hidden states and head can be called apart (and its attention mask handed in, for packing)."""
+    return getattr(model, "model_type", None) in SUPPORTED and hasattr(model, "args")
+
+
 def applies(model: Any, mask_prompt: bool) -> bool:
-    return mask_prompt and getattr(model, "model_type", None) in SUPPORTED and hasattr(model, "args")
+    return mask_prompt and supports(model)
 
 
 def scored_positions(batch_shape: tuple[int, int], lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -43,6 +48,11 @@ def scored_positions(batch_shape: tuple[int, int], lengths: np.ndarray) -> tuple
     for row, (offset, length) in enumerate(lengths.tolist()):
         first, last = max(offset - 1, 0), min(length, targets)  # default_loss: offset <= t + 1 <= length
         index.extend(range(row * targets + first, row * targets + last))
+    return padded_positions(index)
+
+
+def padded_positions(index: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The scored positions padded to a multiple of PAD_TO (position 0, weight 0), and their 0/1 weights."""
     count = len(index)
     padded = max(PAD_TO, -(-count // PAD_TO) * PAD_TO)
     weights = np.zeros(padded, np.float32)
@@ -93,32 +103,33 @@ def planned_batches(dataset: Any, batch_size: int, loop: bool = False, seed: int
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     """Row indices packed into sequences of at most `capacity` tokens: first fit, longest rows first."""
     bins: list[list[int]] = []
-    room: list[int] = []
+    room = np.zeros(len(lengths), np.int64)  # room left in each bin opened so far (at most one per row)
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         n = min(lengths[i], capacity)
-        fits = next((b for b, left in enumerate(room) if left >= n), None)
-        if fits is None:
-            bins.append([i])
-            room.append(capacity - n)
-        else:
-            bins[fits].append(i)
-            room[fits] -= n
+        fits = int(np.argmax(room[:len(bins)] >= n)) if bins else 0
+        if not bins or room[fits] < n:  # no open bin has room: open one
+            fits = len(bins)
+            bins.append([])
+            room[fits] = capacity
+        bins[fits].append(i)
+        room[fits] -= n
     return bins
 
 
 def packed_batches(dataset: Any, batch_size: int, max_seq_length: int, loop: bool = False, seed: int | None = None,
-                   comm_group: Any = None) -> Iterator[tuple]:
+                   comm_group: Any = None, *, packs: list[list[int]] | None = None) -> Iterator[tuple]:
     """train.packing: several rows per sequence, each attending only to itself (a block-diagonal causal mask).
 
     RoPE makes attention depend on the distance between positions, not on where a row starts, so a
     packed row computes what it computes alone; its targets are its own tokens (not the next row's
     first, nor mlx-lm's extra padding target past its end). Yields (batch, lengths, index, weights, mask).
+    `packs`: pack_rows of the rows' sizes, when the caller has them already.
     """
     import mlx.core as mx
 
     rows = [tokens_and_offset(dataset[i]) for i in range(len(dataset))]
     sizes = [min(len(tokens), max_seq_length) for tokens, _ in rows]
-    packs = pack_rows(sizes, max_seq_length)
+    packs = packs if packs is not None else pack_rows(sizes, max_seq_length)
     totals = [sum(sizes[i] for i in pack) for pack in packs]
     for batch_packs in planned_batches(packs, batch_size, loop, seed, comm_group, lengths=totals):
         width = batch_width([totals[p] for p in batch_packs], max_seq_length + 1)
@@ -133,24 +144,19 @@ def packed_batches(dataset: Any, batch_size: int, max_seq_length: int, loop: boo
                 segment[r, start:start + n] = k
                 index.extend(r * (width - 1) + t for t in range(start + max(offset - 1, 0), start + n - 1))
                 start += n
-        count = len(index)
-        padded = max(PAD_TO, -(-count // PAD_TO) * PAD_TO)
-        weights = np.zeros(padded, np.float32)
-        weights[:count] = 1.0
+        positions, weights = padded_positions(index)
         causal = np.tril(np.ones((width - 1, width - 1), bool))
         mask = (segment[:, :, None] == segment[:, None, :]) & causal
         pairs = np.array([(0, totals[p]) for p in batch_packs])
-        yield (mx.array(array), mx.array(pairs), mx.array(np.array(index + [0] * (padded - count), np.int32)),
-               mx.array(weights), mx.array(mask[:, None]))
+        yield mx.array(array), mx.array(pairs), mx.array(positions), mx.array(weights), mx.array(mask[:, None])
 
 
-def packed_for(train_set: Any, otherwise: Any) -> Any:
-    """An iterate_batches that packs the training rows; validation keeps a row per sequence (a small set
-    may not fill a batch of packs, and its loss stays comparable with unpacked runs)."""
+def packed_for(train_set: Any, packs: list[list[int]], otherwise: Any) -> Any:
+    """An iterate_batches that packs the training rows (into `packs`); validation keeps a row per sequence
+    (a small set may not fill a batch of packs, and its loss stays comparable with unpacked runs)."""
     def batches(dataset: Any, *args: Any, **kwargs: Any) -> Iterator[tuple]:
         if dataset is train_set:
-            kwargs.pop("scored", None)
-            return packed_batches(dataset, *args, **kwargs)
+            return packed_batches(dataset, *args, packs=packs, **kwargs)
         return otherwise(dataset, *args, **kwargs)
 
     return batches
@@ -203,7 +209,7 @@ def position_losses(model: Any, inputs: Any, index: Any, targets: Any, mask: Any
 
     from lorad.cpu_ops import cross_entropy
 
-    if getattr(model, "model_type", None) in SUPPORTED and hasattr(model, "args"):
+    if supports(model):
         hidden = model.model(inputs, cache=None if mask is None else [PackedRows(mask)] * len(model.layers))
         hidden = hidden.reshape(-1, hidden.shape[-1])[index]
         logits = model.model.embed_tokens.as_linear(hidden) if model.args.tie_word_embeddings else model.lm_head(hidden)

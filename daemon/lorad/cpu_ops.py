@@ -129,6 +129,9 @@ def applies(model: Any) -> bool:
     return mx.default_device() == mx.cpu and module.startswith("mlx_lm.models.") and module.rsplit(".", 1)[-1] in MODEL_MODULES
 
 
+REPLACED = {"swiglu": swiglu, "scaled_dot_product_attention": scaled_dot_product_attention}  # what vectorized swaps in
+
+
 @contextlib.contextmanager
 def vectorized(model: Any) -> Iterator[None]:
     """Within: the model's mlx-lm module (llama, qwen2, qwen3) uses this module's SiLU and attention (CPU only)."""
@@ -144,6 +147,3 @@ def vectorized(model: Any) -> Iterator[None]:
     finally:
         for attr, original in saved.items():
             setattr(module, attr, original)
-
-
-REPLACED = {"swiglu": swiglu, "scaled_dot_product_attention": scaled_dot_product_attention}

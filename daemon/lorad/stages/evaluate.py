@@ -153,8 +153,8 @@ def mlx_losses(model: Any, sequences: list[tuple[list[int], int]]) -> list[tuple
                 row_of.extend([row] * len(positions))
             if not index:
                 continue
-            flat = mx.array(index)
-            nll = completion_loss.position_losses(model, mx.array(batch[:, :-1]), flat, mx.array(batch[:, 1:]).reshape(-1)[flat])
+            targets = batch[:, 1:].reshape(-1)[index]
+            nll = completion_loss.position_losses(model, mx.array(batch[:, :-1]), mx.array(index), mx.array(targets))
             sums = np.bincount(row_of, weights=np.array(nll.tolist(), np.float64), minlength=len(chunk))
             counts = np.bincount(row_of, minlength=len(chunk))
             for row, i in enumerate(chunk):

@@ -153,17 +153,18 @@ def adapter_config(train: dict[str, Any], base: Path) -> dict[str, Any]:
     }
 
 
-def check_packing(model: Any, train_set: Any, train: dict[str, Any]) -> None:
-    """train.packing needs a model whose mask can be handed in, and enough packed sequences for a batch."""
-    if getattr(model, "model_type", None) not in completion_loss.SUPPORTED:
+def plan_packing(model: Any, train_set: Any, train: dict[str, Any]) -> list[list[int]]:
+    """The training rows' packs; train.packing needs a model whose mask can be handed in, and enough packs for a batch."""
+    if not completion_loss.supports(model):
         raise StageFailed(f"train.packing works for {', '.join(sorted(completion_loss.SUPPORTED))} models; this one is "
                           f"{getattr(model, 'model_type', 'unknown')}: turn packing off")
     sizes = [min(completion_loss.token_length(train_set[i]), train["max_seq_length"]) for i in range(len(train_set))]
-    packs = len(completion_loss.pack_rows(sizes, train["max_seq_length"]))
-    if packs < train["batch_size"]:
-        raise StageFailed(f"train.packing: the {len(sizes)} training rows fill {packs} sequences of max_seq_length "
+    packs = completion_loss.pack_rows(sizes, train["max_seq_length"])
+    if len(packs) < train["batch_size"]:
+        raise StageFailed(f"train.packing: the {len(sizes)} training rows fill {len(packs)} sequences of max_seq_length "
                           f"{train['max_seq_length']} tokens, fewer than batch_size {train['batch_size']}; lower "
                           f"batch_size or turn packing off")
+    return packs
 
 
 def reported_config(spec: dict[str, Any]) -> dict[str, Any]:
@@ -464,8 +465,7 @@ def train_here(ctx: StageContext, dist: dict[str, Any] | None) -> dict[str, str]
     train_set, valid_set = load_datasets(ctx.path("data"), tokenizer, mask_prompt, spec_train["max_seq_length"], ctx.log)
     lengths = sorted(len(train_set[i][0]) for i in range(min(len(train_set), 2000)))
     packing = spec_train["packing"]
-    if packing:
-        check_packing(model, train_set, spec_train)
+    packs = plan_packing(model, train_set, spec_train) if packing else []
     sparse_head = completion_loss.applies(model, mask_prompt) or packing
     ctx.log.info("training_setup", method=spec_train["method"], qlora=qlora, trainable_params=trainable, world_size=world_size,
                  loss="completion positions only" if sparse_head else "mlx-lm default", packing=packing,
@@ -509,7 +509,7 @@ def train_here(ctx: StageContext, dist: dict[str, Any] | None) -> dict[str, str]
             mx.reset_peak_memory()  # the reported peak is training's, not the loading's (or an earlier run's)
             batches: Callable[..., Any] = partial(completion_loss.iterate_batches, scored=sparse_head)
             if packing:
-                batches = completion_loss.packed_for(train_set, otherwise=batches)
+                batches = completion_loss.packed_for(train_set, packs, otherwise=batches)
             if watchdog is not None:
                 batches = watchdog.wrap(batches)
                 watchdog.beat()  # loading is done; each batch fetched from here beats
